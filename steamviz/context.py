@@ -1,0 +1,54 @@
+"""Context prefixes the model writes itself (ROME's context templates).
+
+ROME averages the subject key over short prefixes so the edit generalises across contexts.
+They are sampled from the model (top-k, fixed seed) and cached per model fingerprint.
+
+>>> context_templates(lm)[:2]                      # doctest: +SKIP
+['{}', 'The first step in the process. {}']
+"""
+
+from __future__ import annotations
+
+import torch
+
+_CACHE: dict[tuple, list[str]] = {}
+
+
+@torch.no_grad()
+def sample(lm, n: int, length: int, generator: torch.Generator, top_k: int = 5) -> list[list[int]]:
+    """``n`` sequences of ``length`` new token ids after the start tokens (top-k sampling)."""
+    start = list(lm.prefix_ids) or [lm.tok.eos_token_id]
+    ids = torch.tensor([start] * n, device=lm.device)
+    past, cur = None, ids
+    for _ in range(length):
+        o = lm.model(input_ids=cur, past_key_values=past, use_cache=True)
+        past = o.past_key_values
+        logits = o.logits[:, -1].float().cpu()
+        v, i = logits.topk(top_k, dim=-1)
+        choice = torch.multinomial(v.softmax(-1), 1, generator=generator)
+        nxt = i.gather(1, choice).to(lm.device)
+        ids = torch.cat([ids, nxt], dim=1)
+        cur = nxt
+    return [row.tolist() for row in ids[:, len(start) :]]
+
+
+def context_templates(
+    lm, length_params: tuple = ((5, 10), (10, 10)), seed: int = 0, top_k: int = 5
+) -> list[str]:
+    """``["{}"] + [f"{text}. {{}}" ...]``: one bare template plus model-written prefixes.
+
+    ``length_params``: ``(n_tokens, n_samples)`` pairs, as ROME's
+    ``context_template_length_params``.
+    """
+    key = (lm.fingerprint, tuple(map(tuple, length_params)), seed, top_k)
+    if key in _CACHE:
+        return list(_CACHE[key])
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    out = ["{}"]
+    for length, n in length_params:
+        for seq in sample(lm, n, length, g, top_k):
+            text = lm.tok.decode(seq, skip_special_tokens=True)
+            text = text.replace("{", " ").replace("}", " ").strip()
+            out.append(text + ". {}")
+    _CACHE[key] = out
+    return list(out)

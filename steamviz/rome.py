@@ -1,0 +1,569 @@
+"""ROME: rank-one model editing (Meng et al., 2022), fast on a CPU.
+
+The contract of the ROME repo, kept: a request in, the edited model plus what undoes it out.
+
+>>> from steamviz import rome
+>>> edit = rome.apply(lm, request)            # doctest: +SKIP
+>>> edit.info["efficacy_after_opt"]            # doctest: +SKIP
+>>> edit.restore()                            # bitwise the original weights again
+
+How it works (``layer`` = the edited block, its MLP output projection ``W``):
+
+1. key ``k*``: input of ``W`` at the subject's last token, averaged over model-written
+   context prefixes (:mod:`steamviz.context`); ``k`` also on the bare prompt.
+2. value ``v*``: a delta added to ``W``'s output at the subject's last token, optimised
+   with Adam for the target's NLL over the context prompts + ``kl_factor`` x KL on
+   "{subject} is a" + weight decay, norm-clamped, early-stopped.
+   Speed: the stream entering ``layer`` is computed once (it does not depend on the delta)
+   and each step runs only blocks ``layer..``; logits are computed only where a loss reads
+   them. STEAM adds its alignment term through ``compute_v(..., align=...)``.
+3. rank-one update ``W += (v* - W k) u^T / (u . k)`` with ``u = C^-1 k*`` (``C`` the
+   keys' second moment, identity by default as EasyEdit's shipped ROME configs).
+
+SmolLM2's tokenizer adds no BOS: steamviz puts the model's start token before every prompt
+(:mod:`steamviz.tokens`), so the bare rewrite prompt sees the same start as the contexts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from .arch import as_out_in, get_module, lm_head_logits, mlp_out_module
+from .capture import _Stop, hooks
+from .context import context_templates
+from .edits import WeightEdit
+from .forward import layers_from, space
+from .requests import EditRequest
+from .tokens import pad, subject_last, token_ids
+
+
+@dataclass
+class ROMEHparams:
+    """ROME hyperparameters (names follow the ROME/EasyEdit YAML files)."""
+
+    layer: int = 5
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 5e-2
+    context_template_length_params: tuple = ((5, 10), (10, 10))
+    kl_prompts: tuple = ("{} is a",)
+    mom2_adjustment: bool = False  # False: C = I (EasyEdit's shipped configs)
+    mom2_corpus: str | None = None  # folder of .txt files, or "model"
+    mom2_n_tokens: int = 100_000
+    mom2_ridge: float = 0.0
+    seed: int = 0
+
+    def replace(self, **kw) -> "ROMEHparams":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def for_model(cls, lm_or_name: Any) -> "ROMEHparams":
+        """Per-model defaults (edited layer by depth, EasyEdit's LLaMA settings otherwise)."""
+        name = getattr(lm_or_name, "name", lm_or_name)
+        n = getattr(lm_or_name, "n_layers", None)
+        if name in MODEL_DEFAULTS:
+            return cls(**MODEL_DEFAULTS[name])
+        hp = cls()
+        if n is not None:
+            hp.layer = max(1, round(n * 0.17))  # early-middle MLP, as ROME's causal traces
+        return hp
+
+    @classmethod
+    def from_yaml(cls, path) -> "ROMEHparams":
+        """Read an EasyEdit / ROME hparams YAML (``layers: [5]``, ``v_lr``...).
+
+        Module-name templates (``rewrite_module_tmp``...) are ignored: steamviz finds
+        modules through its architecture adapters. Unknown keys are an error.
+        """
+        import yaml
+
+        d = yaml.safe_load(open(path))
+        return cls.from_dict(d, source=str(path))
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "hparams") -> "ROMEHparams":
+        ignored = {
+            "alg_name", "model_name", "stats_dir", "device", "rewrite_module_tmp",
+            "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
+            "lm_head_module", "model_parallel", "fp16", "mom2_dtype", "fact_token",
+            "v_loss_layer", "mom2_dataset", "max_length", "batch_size",
+        }
+        kw = {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        for k, v in d.items():
+            if k == "layers":
+                if not isinstance(v, list) or len(v) != 1:
+                    raise ValueError(f"{source}: ROME edits one layer; 'layers' must be [L], got {v!r}")
+                kw["layer"] = int(v[0])
+            elif k == "mom2_n_samples":
+                kw["mom2_n_tokens"] = int(v)
+            elif k == "context_template_length_params":
+                kw[k] = tuple(tuple(x) for x in v)
+            elif k in names:
+                kw[k] = v
+            elif k in ignored:
+                continue
+            else:
+                raise ValueError(f"{source}: unknown ROME hyperparameter {k!r}; known: {sorted(names)}")
+        if d.get("fact_token", "subject_last") != "subject_last":
+            raise ValueError(f"{source}: only fact_token 'subject_last' is supported")
+        return cls(**kw)
+
+
+MODEL_DEFAULTS: dict[str, dict] = {
+    "smollm2-135m": dict(layer=5),
+    "gpt2-xl": dict(layer=17, v_num_grad_steps=20, v_weight_decay=0.5, mom2_adjustment=True),
+    "EleutherAI/gpt-j-6B": dict(layer=5, v_weight_decay=0.5, mom2_adjustment=True),
+}
+
+
+class Align(Protocol):
+    """An extra loss on residual streams (STEAM's L_LA): see :mod:`steamviz.steam`."""
+
+    lam: float
+    layers: Sequence[int]  # residual-stream layers (output of block l - 1)
+
+    def loss(self, streams: dict[int, torch.Tensor]) -> torch.Tensor: ...
+
+
+@dataclass
+class Prepared:
+    """Everything ROME computes before optimising v*; reusable across grid points.
+
+    Rows are the rewrite prompts (one per context, + target tokens but the last), then the
+    KL prompts. Only tokens from the subject's last token on depend on the delta: the rest
+    (the *prefix*) is kept as a key/value cache of every block at and above ``layer``, and
+    each optimisation step runs only the *suffix* tokens through blocks ``layer..``.
+    """
+
+    request: EditRequest
+    hp: ROMEHparams
+    contexts: list[str]
+    k_star: torch.Tensor  # [d_in] mean key over contexts
+    k_bare: torch.Tensor  # [d_in] key on the bare prompt
+    v_init: torch.Tensor  # [d_out] W's output at the subject's last token, bare prompt
+    u: torch.Tensor  # [d_in] unit left vector (C^-1 k*)
+    n_rewrite: int
+    # full rows (for the reference implementation and captures)
+    ids: list[list[int]]
+    subj_pos: list[int]
+    # suffix view: tokens from the subject's last token on, right-padded
+    h_suffix: torch.Tensor  # [rows, S, d] stream entering block `layer`
+    pos_suffix: torch.Tensor  # [rows, S] absolute positions
+    mask4d: torch.Tensor  # [rows, 1, S, P + S] additive attention mask
+    prefix_kv: list  # per block: (keys, values) [rows, heads, P, hd] (None below `layer`)
+    tgt_rows: torch.Tensor  # [n_target_tokens]
+    tgt_pos: torch.Tensor  # position in the suffix that predicts the token
+    tgt_ids: torch.Tensor
+    tgt_weight: torch.Tensor  # 1 / n target tokens of the row, so prompts weigh equally
+    pred_pos: torch.Tensor  # [n_rewrite] suffix position predicting the first target token
+    kl_pos: torch.Tensor  # [n_kl] suffix position of the KL prompts' last token
+    kl_logp_init: torch.Tensor  # [n_kl, vocab]
+    seconds: float = 0.0
+
+
+@dataclass
+class VResult:
+    delta: torch.Tensor
+    target: torch.Tensor
+    losses: list[dict] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+
+
+def _keys_and_outputs(lm, layer: int, prompts: list[str], subjects: list[str]):
+    """Input and output of the edited projection at each prompt's subject-last token."""
+    mod = mlp_out_module(lm.model, layer)
+    ids = [list(lm.prefix_ids) + token_ids(lm, p) for p in prompts]
+    pos = torch.tensor([subject_last(lm, p, s) for p, s in zip(prompts, subjects)])
+    b = pad(ids, lm.tok.pad_token_id, lm.device)
+    got = {}
+
+    def hook(m, args, out):
+        rows = torch.arange(len(ids), device=out.device)
+        x = args[0]
+        k, v = x[rows, pos.to(out.device)], out[rows, pos.to(out.device)]
+        got["k"], got["v"] = k.detach(), v.detach()
+        raise _Stop
+
+    base = get_module(lm.model, lm.adapter.base)
+    handles = [mod.register_forward_hook(hook)]
+    with hooks(handles), torch.no_grad():
+        try:
+            base(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+        except _Stop:
+            pass
+    return got["k"], got["v"]
+
+
+def _prefix_cache(lm, ids: list[list[int]], cut: list[int], layer: int):
+    """Key/value cache of every block for the tokens before ``cut`` (left-padded to P)
+    and the residual stream entering block ``layer`` for the tokens from ``cut`` on
+    (right-padded to S). One forward pass of the unedited model."""
+    dev = lm.device
+    B = len(ids)
+    P = max(cut)
+    S = max(len(x) - c for x, c in zip(ids, cut))
+    T = P + S
+    # lay every row out as [pad.. prefix | suffix ..pad] so prefixes end at P
+    inp = torch.full((B, T), int(lm.tok.pad_token_id), dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    real = torch.zeros((B, T), dtype=torch.bool)
+    for i, (x, c) in enumerate(zip(ids, cut)):
+        inp[i, P - c : P - c + len(x)] = torch.tensor(x)
+        pos[i, P - c : P - c + len(x)] = torch.arange(len(x))
+        real[i, P - c : P - c + len(x)] = True
+    # additive mask: causal by layout index, padded keys hidden, every query sees itself
+    idx = torch.arange(T)
+    allow = (idx[None, :] <= idx[:, None])[None] & real[:, None, :]
+    allow |= torch.eye(T, dtype=torch.bool)[None]
+    dtype = next(lm.model.parameters()).dtype
+    neg = torch.finfo(dtype).min
+    full_mask = torch.zeros((B, 1, T, T), dtype=dtype).masked_fill(~allow[:, None], neg)
+    blocks = get_module(lm.model, lm.adapter.layers)
+    base = get_module(lm.model, lm.adapter.base)
+    got = {}
+
+    def pre(m, args, kw):
+        got["h"] = (args[0] if args else kw["hidden_states"]).detach()
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    handles = [blocks[layer].register_forward_pre_hook(pre, with_kwargs=True)]
+    with hooks(handles), torch.no_grad():
+        base(input_ids=inp.to(dev), attention_mask=full_mask.to(dev), position_ids=pos.to(dev),
+             past_key_values=cache, use_cache=True)
+    kv = []
+    for i, lay in enumerate(cache.layers):
+        if i < layer:
+            kv.append((None, None))
+        else:
+            kv.append((lay.keys[:, :, :P].detach(), lay.values[:, :, :P].detach()))
+    return dict(
+        h_suffix=got["h"][:, P:], pos_suffix=pos[:, P:].to(dev),
+        mask4d=full_mask[:, :, P:, :].to(dev), prefix_kv=kv,
+    )
+
+
+_PREP_CACHE: dict[tuple, Prepared] = {}
+
+
+def _left_vector(lm, hp: ROMEHparams, k_star: torch.Tensor) -> torch.Tensor:
+    if hp.mom2_adjustment:
+        from .stats import inverse, second_moment
+
+        key = ("cinv", lm.fingerprint, hp.layer, str(hp.mom2_corpus), hp.mom2_n_tokens, hp.mom2_ridge)
+        if key not in _CINV:
+            C = second_moment(lm, hp.layer, corpus=hp.mom2_corpus, n_tokens=hp.mom2_n_tokens,
+                              seed=hp.seed)
+            _CINV[key] = inverse(C, hp.mom2_ridge).float()
+        u = _CINV[key].to(k_star.device) @ k_star
+    else:
+        u = k_star.clone()
+    return u / u.norm()
+
+
+_CINV: dict[tuple, torch.Tensor] = {}
+
+
+def prepare(lm, request: EditRequest, hp: ROMEHparams | None = None, use_cache: bool = True
+            ) -> Prepared:
+    """Keys, C^-1 direction, prefix caches and the KL reference for ``request``."""
+    hp = hp or ROMEHparams.for_model(lm)
+    if not 0 <= hp.layer < lm.n_layers:
+        raise ValueError(f"layer {hp.layer} out of range: this model has blocks 0..{lm.n_layers - 1}")
+    fields = ("layer", "context_template_length_params", "kl_prompts", "mom2_adjustment",
+              "mom2_corpus", "mom2_n_tokens", "mom2_ridge", "seed")
+    key = (lm.fingerprint, id(lm.model), repr(request.to_rome()),
+           tuple(getattr(hp, f) for f in fields))
+    clean = not getattr(lm.model, "_steamviz_active_edits", 0)
+    if use_cache and clean and key in _PREP_CACHE:
+        return _PREP_CACHE[key]
+    t0 = time.perf_counter()
+    contexts = context_templates(lm, hp.context_template_length_params, seed=hp.seed)
+    subj = request.subject
+    # keys over contexts (the subject's last token only sees the text up to the subject)
+    key_prompts = [c.format(request.prompt.format(subj)) for c in contexts]
+    keys, outs = _keys_and_outputs(lm, hp.layer, key_prompts, [subj] * len(key_prompts))
+    k_star = keys.mean(0)
+    k_bare, v_init = keys[0], outs[0]  # contexts[0] == "{}": the bare prompt
+    u = _left_vector(lm, hp, k_star)
+
+    target = token_ids(lm, space(request.target_new))
+    rows_ids, subj_pos, tgt_rows, tgt_pos, tgt_ids, tgt_w, pred_pos, kl_pos = ([] for _ in range(8))
+    for r, text in enumerate(key_prompts):
+        ids = list(lm.prefix_ids) + token_ids(lm, text)
+        sp = subject_last(lm, text, subj)
+        subj_pos.append(sp)
+        pred_pos.append(len(ids) - 1 - sp)
+        for j, t in enumerate(target):
+            tgt_rows.append(r)
+            tgt_pos.append(len(ids) - 1 + j - sp)
+            tgt_ids.append(t)
+            tgt_w.append(1.0 / len(target))
+        rows_ids.append(ids + target[:-1])
+    for kp in hp.kl_prompts:
+        text = kp.format(subj)
+        ids = list(lm.prefix_ids) + token_ids(lm, text)
+        sp = subject_last(lm, text, subj)
+        subj_pos.append(sp)
+        kl_pos.append(len(ids) - 1 - sp)
+        rows_ids.append(ids)
+    dev = lm.device
+    pc = _prefix_cache(lm, rows_ids, subj_pos, hp.layer)
+    t = lambda x: torch.tensor(x, device=dev)  # noqa: E731
+    prep = Prepared(
+        request=request, hp=hp, contexts=contexts, k_star=k_star, k_bare=k_bare, v_init=v_init,
+        u=u, n_rewrite=len(contexts), ids=rows_ids, subj_pos=subj_pos, **pc,
+        tgt_rows=t(tgt_rows), tgt_pos=t(tgt_pos), tgt_ids=t(tgt_ids), tgt_weight=t(tgt_w),
+        pred_pos=t(pred_pos), kl_pos=t(kl_pos), kl_logp_init=torch.empty(0),
+    )
+    with torch.no_grad():
+        h = _run_suffix(lm, prep)
+        n = prep.n_rewrite
+        kl_rows = torch.arange(n, len(rows_ids), device=dev)
+        prep.kl_logp_init = lm_head_logits(lm.model, h[kl_rows, prep.kl_pos]).float().log_softmax(-1)
+    prep.seconds = time.perf_counter() - t0
+    if use_cache and clean:
+        _PREP_CACHE[key] = prep
+        while len(_PREP_CACHE) > 64:
+            _PREP_CACHE.pop(next(iter(_PREP_CACHE)))
+    return prep
+
+
+def _run_suffix(lm, prep: Prepared) -> torch.Tensor:
+    """Blocks ``layer..`` on the suffix tokens, with the prefix from the cache."""
+    from transformers import DynamicCache
+
+    from .arch import block_input_to_embeds
+
+    base = get_module(lm.model, lm.adapter.base)
+    cache = DynamicCache(ddp_cache_data=prep.prefix_kv)
+    emb = block_input_to_embeds(lm.model, prep.h_suffix, prep.pos_suffix)
+    with layers_from(lm.model, prep.hp.layer):
+        out = base(inputs_embeds=emb, attention_mask=prep.mask4d, position_ids=prep.pos_suffix,
+                   past_key_values=cache, use_cache=True)
+    return out.last_hidden_state
+
+
+def clear_caches() -> None:
+    _PREP_CACHE.clear()
+    _CINV.clear()
+
+
+def compute_v(lm, prep: Prepared, hp: ROMEHparams | None = None, align: Align | None = None,
+              early_stop_on: str = "total") -> VResult:
+    """Optimise the delta at the edited projection's output (v* = v_init + delta).
+
+    ``align``: an extra loss on residual streams at the predicting position of the rewrite
+    prompts (STEAM), weighted by ``align.lam``. ``early_stop_on``: ``"total"`` stops when the
+    whole objective falls below ``hp.early_stop_loss``; ``"rome"`` looks at NLL+KL+decay only.
+    """
+    hp = hp or prep.hp
+    if early_stop_on not in ("total", "rome"):
+        raise ValueError(f"early_stop_on must be 'total' or 'rome', got {early_stop_on!r}")
+    t0 = time.perf_counter()
+    model = lm.model
+    dev = lm.device
+    L = prep.hp.layer
+    blocks = get_module(model, lm.adapter.layers)
+    mod = mlp_out_module(model, L)
+    delta = torch.zeros_like(prep.v_init, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    n_rw = prep.n_rewrite
+    rows_all = prep.h_suffix.shape[0]
+    onehot = torch.zeros(prep.h_suffix.shape[:2], device=dev)
+    onehot[:, 0] = 1.0  # the suffix starts at the subject's last token
+    onehot = onehot[..., None]
+    target_norm = prep.v_init.norm()
+    max_norm = hp.clamp_norm_factor * target_norm
+    use_align = align is not None and align.lam != 0
+    align_layers = sorted(set(align.layers)) if use_align else []
+    if use_align:
+        bad = [x for x in align_layers if not L + 1 <= x <= lm.n_layers]
+        if bad:
+            raise ValueError(
+                f"alignment layers {bad} are not above the edited block {L}: the delta cannot "
+                f"move them; use layers {L + 1}..{lm.n_layers}"
+            )
+    streams: dict[int, torch.Tensor] = {}
+    rw_rows = torch.arange(n_rw, device=dev)
+    kl_rows = torch.arange(n_rw, rows_all, device=dev)
+
+    def add_delta(m, args, out):
+        return out + onehot * delta
+
+    handles = [mod.register_forward_hook(add_delta)]
+    for layer in align_layers:
+        handles.append(
+            blocks[layer - 1].register_forward_hook(
+                lambda m, a, o, layer=layer: streams.__setitem__(
+                    layer, (o[0] if isinstance(o, tuple) else o)[rw_rows, prep.pred_pos]
+                )
+            )
+        )
+    losses = []
+    steps = 0
+    with hooks(handles):
+        for it in range(hp.v_num_grad_steps):
+            opt.zero_grad()
+            h = _run_suffix(lm, prep)
+            logits = lm_head_logits(model, h[prep.tgt_rows, prep.tgt_pos]).float()
+            lp = logits.log_softmax(-1).gather(1, prep.tgt_ids[:, None])[:, 0]
+            nll = -(lp * prep.tgt_weight).sum() / n_rw
+            kl_logits = lm_head_logits(model, h[kl_rows, prep.kl_pos]).float()
+            kl = hp.kl_factor * torch.nn.functional.kl_div(
+                kl_logits.log_softmax(-1), prep.kl_logp_init, log_target=True,
+                reduction="batchmean",
+            )
+            wd = hp.v_weight_decay * (delta.norm() / target_norm**2)
+            loss = nll + kl + wd
+            rec = dict(step=it, nll=nll.item(), kl=kl.item(), decay=wd.item())
+            total = loss
+            if use_align:
+                la = align.loss(streams)
+                rec["align"] = la.item()
+                total = loss + align.lam * la
+            rec["loss"] = total.item()
+            rec["p_target"] = float(torch.exp(-nll.detach()))
+            losses.append(rec)
+            stop_val = total if early_stop_on == "total" else loss
+            if stop_val.item() < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+                break
+            total.backward()
+            opt.step()
+            steps += 1
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    delta = delta.detach()
+    return VResult(delta=delta, target=prep.v_init + delta, losses=losses, steps=steps,
+                   seconds=time.perf_counter() - t0)
+
+
+def compute_v_reference(lm, prep: Prepared, hp: ROMEHparams | None = None) -> VResult:
+    """The plain implementation (as the ROME / EasyEdit code does it): every step runs the
+    whole model on the full rows and computes logits at every position. Used as the
+    benchmark baseline and as a test oracle for :func:`compute_v`."""
+    hp = hp or prep.hp
+    t0 = time.perf_counter()
+    model, dev = lm.model, lm.device
+    mod = mlp_out_module(model, prep.hp.layer)
+    batch = pad(prep.ids, lm.tok.pad_token_id, dev)
+    n_rw = prep.n_rewrite
+    sp = torch.tensor(prep.subj_pos, device=dev)
+    rows = torch.arange(len(prep.ids), device=dev)
+    delta = torch.zeros_like(prep.v_init, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    target_norm = prep.v_init.norm()
+    max_norm = hp.clamp_norm_factor * target_norm
+
+    def add_delta(m, args, out):
+        out = out.clone()
+        out[rows, sp] += delta
+        return out
+
+    abs_tgt = prep.tgt_pos + sp[prep.tgt_rows]
+    abs_kl = prep.kl_pos + sp[n_rw:]
+    losses, steps = [], 0
+    with hooks([mod.register_forward_hook(add_delta)]):
+        for it in range(hp.v_num_grad_steps):
+            opt.zero_grad()
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           use_cache=False).logits.float()
+            lp = logits.log_softmax(-1)[prep.tgt_rows, abs_tgt].gather(1, prep.tgt_ids[:, None])
+            nll = -(lp[:, 0] * prep.tgt_weight).sum() / n_rw
+            kl_lp = logits[rows[n_rw:], abs_kl].log_softmax(-1)
+            kl = hp.kl_factor * torch.nn.functional.kl_div(
+                kl_lp, prep.kl_logp_init, log_target=True, reduction="batchmean")
+            wd = hp.v_weight_decay * (delta.norm() / target_norm**2)
+            loss = nll + kl + wd
+            losses.append(dict(step=it, nll=nll.item(), kl=kl.item(), loss=loss.item()))
+            if loss.item() < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+                break
+            loss.backward()
+            opt.step()
+            steps += 1
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    delta = delta.detach()
+    return VResult(delta=delta, target=prep.v_init + delta, losses=losses, steps=steps,
+                   seconds=time.perf_counter() - t0)
+
+
+def update_matrix(prep: Prepared, v: VResult) -> torch.Tensor:
+    """``[d_out, d_in]`` rank-one update so that ``W' k_bare = v*`` (ROME's closed form)."""
+    right = (v.target - prep.v_init) / torch.dot(prep.k_bare, prep.u)
+    return torch.outer(right, prep.u)
+
+
+def apply(
+    lm,
+    request: EditRequest | dict,
+    hparams: ROMEHparams | None = None,
+    align: Align | None = None,
+    method: str = "ROME",
+    early_stop_on: str = "total",
+) -> WeightEdit:
+    """Edit ``lm`` in place; returns a :class:`~steamviz.edits.WeightEdit` handle.
+
+    If anything fails before the update is written, the model is untouched; the update
+    itself is applied through the handle, which restores bit for bit.
+    """
+    if isinstance(request, dict):
+        request = EditRequest.from_dict(request)
+    hp = hparams or ROMEHparams.for_model(lm)
+    prep = prepare(lm, request, hp)
+    v = compute_v(lm, prep, hp, align=align, early_stop_on=early_stop_on)
+    return write_update(lm, prep, v, method=method, extra={"align": _align_info(align)})
+
+
+def _align_info(align) -> dict | None:
+    if align is None:
+        return None
+    return {"lam": align.lam, "layers": list(align.layers)}
+
+
+def write_update(lm, prep: Prepared, v: VResult, method: str = "ROME", extra=None) -> WeightEdit:
+    upd = update_matrix(prep, v)
+    W = mlp_out_module(lm.model, prep.hp.layer).weight
+    name = lm.adapter.mlp_out.format(prep.hp.layer) + ".weight"
+    delta = upd.T if lm.adapter.conv1d else upd
+    info = dict(
+        request=prep.request.to_dict(), hparams=prep.hp.to_dict(), layer=prep.hp.layer,
+        steps=v.steps, losses=v.losses, seconds_prepare=prep.seconds, seconds_opt=v.seconds,
+        **(extra or {}),
+    )
+    if as_out_in(W, lm.adapter).shape != upd.shape:
+        raise ValueError(f"update shape {tuple(upd.shape)} does not fit {name} {tuple(W.shape)}")
+    edit = WeightEdit(lm.model, method, info)
+    _track(lm.model, edit)
+    try:
+        edit.add_delta(name, delta.to(W.dtype))
+    except BaseException:
+        edit.restore()
+        raise
+    return edit
+
+
+def _track(model, edit) -> None:
+    """Count active edits on the model (prepare() caches only for the unedited model)."""
+    model._steamviz_active_edits = getattr(model, "_steamviz_active_edits", 0) + 1
+
+    def untrack():
+        model._steamviz_active_edits -= 1
+
+    edit._undo.insert(0, untrack)
