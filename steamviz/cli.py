@@ -81,6 +81,42 @@ def _edit(args) -> int:
     return 0
 
 
+def _load_requests(data: str, n: int | None):
+    from .datasets import load_counterfact, load_edits, load_requests
+    from .paths import shared_data_dir
+
+    if data == "counterfact":
+        return load_counterfact(
+            shared_data_dir() / "counterfact_easyedit" / "counterfact-val.json", limit=n)
+    if data == "default":
+        return load_edits(limit=n)
+    return load_requests(data, limit=n)
+
+
+def _eval(args) -> int:
+    from . import evaluation
+    from .io import write_bytes, write_text
+    from .models import load_model
+
+    lm = load_model(args.model, device=args.device)
+    reqs = _load_requests(args.data, args.n)
+    params = {}
+    if args.lam is not None:
+        params["lam"] = args.lam
+    if args.layer is not None:
+        params["layer"] = args.layer
+    df = evaluation.run(lm, reqs, method=args.method, generation=not args.no_generation,
+                        **params)
+    table = evaluation.summary(df)
+    print(evaluation.markdown(table))
+    if args.out:
+        out = Path(args.out)
+        write_bytes(out / "results.csv", df.to_csv(index=False).encode())
+        write_text(out / "summary.md", evaluation.markdown(table) + "\n")
+        print(f"wrote {out}/results.csv")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="steamviz", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -98,6 +134,18 @@ def main(argv=None) -> int:
     e.add_argument("--model", default=None)
     e.add_argument("--device", default="auto")
     e.set_defaults(fn=_edit)
+    v = sub.add_parser("eval", help="edit many requests one at a time; metrics before/after")
+    v.add_argument("--data", default="counterfact",
+                   help="'counterfact' (shared val set), 'default' (data/edits.jsonl) or a file")
+    v.add_argument("--n", type=int, default=100)
+    v.add_argument("--method", default="rome")
+    v.add_argument("--lam", type=float, default=None, help="STEAM alignment strength")
+    v.add_argument("--layer", type=int, default=None)
+    v.add_argument("--no-generation", action="store_true", help="skip fluency/consistency")
+    v.add_argument("--out", default=None)
+    v.add_argument("--model", default=None)
+    v.add_argument("--device", default="auto")
+    v.set_defaults(fn=_eval)
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -15,9 +15,14 @@ _CACHE: dict[tuple, list[str]] = {}
 
 
 @torch.no_grad()
-def sample(lm, n: int, length: int, generator: torch.Generator, top_k: int = 5) -> list[list[int]]:
-    """``n`` sequences of ``length`` new token ids after the start tokens (top-k sampling)."""
+def sample(lm, n: int, length: int, generator: torch.Generator, top_k: int = 5,
+           opener: str = "") -> list[list[int]]:
+    """``n`` sequences of ``length`` new token ids after the start tokens and ``opener``
+    (top-k sampling); the opener's ids are included in what is returned."""
     start = list(lm.prefix_ids) or [lm.tok.eos_token_id]
+    opener_ids = lm.tok(opener, add_special_tokens=False)["input_ids"] if opener else []
+    start_len = len(start)
+    start = start + list(opener_ids)
     ids = torch.tensor([start] * n, device=lm.device)
     past, cur = None, ids
     for _ in range(length):
@@ -29,24 +34,35 @@ def sample(lm, n: int, length: int, generator: torch.Generator, top_k: int = 5) 
         nxt = i.gather(1, choice).to(lm.device)
         ids = torch.cat([ids, nxt], dim=1)
         cur = nxt
-    return [row.tolist() for row in ids[:, len(start) :]]
+    return [row.tolist() for row in ids[:, start_len:]]
+
+
+OPENERS = ("The", "Therefore", "Because", "I", "You")
 
 
 def context_templates(
-    lm, length_params: tuple = ((5, 10), (10, 10)), seed: int = 0, top_k: int = 5
+    lm, length_params: tuple = ((5, 10), (10, 10)), seed: int = 0, top_k: int = 5,
+    openers: tuple = OPENERS,
 ) -> list[str]:
     """``["{}"] + [f"{text}. {{}}" ...]``: one bare template plus model-written prefixes.
 
     ``length_params``: ``(n_tokens, n_samples)`` pairs, as ROME's
-    ``context_template_length_params``.
+    ``context_template_length_params``. Samples start from common sentence openers (as
+    MEMIT / EasyEdit do), spread round-robin, so a small instruct model writes prose
+    rather than markup.
     """
-    key = (lm.fingerprint, tuple(map(tuple, length_params)), seed, top_k)
+    key = (lm.fingerprint, tuple(map(tuple, length_params)), seed, top_k, tuple(openers))
     if key in _CACHE:
         return list(_CACHE[key])
     g = torch.Generator(device="cpu").manual_seed(seed)
     out = ["{}"]
     for length, n in length_params:
-        for seq in sample(lm, n, length, g, top_k):
+        seqs = []
+        for j, op in enumerate(openers or ("",)):
+            k = n // len(openers or ("",)) + (1 if j < n % len(openers or ("",)) else 0)
+            if k:
+                seqs += sample(lm, k, length, g, top_k, opener=op)
+        for seq in seqs:
             text = lm.tok.decode(seq, skip_special_tokens=True)
             text = text.replace("{", " ").replace("}", " ").strip()
             out.append(text + ". {}")

@@ -260,6 +260,19 @@ def _prefix_cache(lm, ids: list[list[int]], cut: list[int], layer: int):
 _PREP_CACHE: dict[tuple, Prepared] = {}
 
 
+def _check_window(lm, rows: list[list[int]]) -> None:
+    """The prefix-cache path uses one causal mask for every block; with sliding-window
+    layers that is exact only while every row fits the window."""
+    cfg = lm.model.config
+    win = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None) or []
+    if win and "sliding_attention" in types and max(len(r) for r in rows) > win:
+        raise NotImplementedError(
+            f"rows of {max(len(r) for r in rows)} tokens exceed the sliding window ({win}); "
+            "use shorter context_template_length_params"
+        )
+
+
 def _left_vector(lm, hp: ROMEHparams, k_star: torch.Tensor) -> torch.Tensor:
     if hp.mom2_adjustment:
         from .stats import inverse, second_moment
@@ -322,6 +335,7 @@ def prepare(lm, request: EditRequest, hp: ROMEHparams | None = None, use_cache: 
         kl_pos.append(len(ids) - 1 - sp)
         rows_ids.append(ids)
     dev = lm.device
+    _check_window(lm, rows_ids)
     pc = _prefix_cache(lm, rows_ids, subj_pos, hp.layer)
     t = lambda x: torch.tensor(x, device=dev)  # noqa: E731
     prep = Prepared(

@@ -37,7 +37,7 @@ TINY = {
                   num_attention_heads=4, num_key_value_heads=2),
     "gemma3_text": dict(cls="Gemma3TextConfig", hidden_size=64, intermediate_size=128,
                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                        head_dim=16, sliding_window=4),
+                        head_dim=16, sliding_window=64),
     "gpt2": dict(cls="GPT2Config", n_embd=64, n_layer=4, n_head=4, n_positions=256),
     "gptj": dict(cls="GPTJConfig", n_embd=64, n_layer=4, n_head=4, rotary_dim=8, n_positions=256),
     "gpt_neox": dict(cls="GPTNeoXConfig", hidden_size=64, intermediate_size=128,
@@ -52,7 +52,7 @@ def build_tiny(arch: str, tok, seed: int = 0):
     from steamviz.models import from_model
 
     kw = dict(TINY[arch])
-    cfg = getattr(transformers, kw.pop("cls"))(vocab_size=len(tok), **kw)
+    cfg = getattr(transformers, kw.pop("cls"))(vocab_size=len(tok), initializer_range=0.3, **kw)
     cfg._attn_implementation = "sdpa" if arch != "gptj" else "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)

@@ -1,0 +1,199 @@
+"""Semantic anchors (STEAM's latent positioning): where the model keeps an object.
+
+For a new object o*: take the reference facts whose object is o*, keep those the unedited
+model recalls (greedy prefix match: every answer token is the argmax), sample them
+stratified by relation (``n_per_relation``, seeded), read the residual stream at the token
+that predicts o* (each prompt's last token) at every layer, and average per layer: phi^l.
+
+>>> a = build_anchor(lm, "Japan")              # doctest: +SKIP
+>>> a.phi.shape                                 # [layer, hidden]    # doctest: +SKIP
+torch.Size([31, 576])
+>>> a.report                                    # found / recalled / used per relation  # doctest: +SKIP
+
+Anchors are cached per (model fingerprint, object, sampling settings, facts) in memory and
+in the cache dir. :func:`reference_bank` captures many reference facts once, for centring
+(``bank.mean``) and nearest-neighbour integration scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .capture import capture
+from .forward import target_logprobs
+from .models import cache_dir
+
+
+class AnchorError(ValueError):
+    """Too few recalled reference facts to build an anchor."""
+
+
+@dataclass
+class Anchor:
+    object: str
+    phi: torch.Tensor  # [layer, hidden], layers 0..n_layers
+    facts: list  # the Facts averaged
+    report: list[dict]  # per relation: found, recalled, used
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.facts)
+
+    def __repr__(self) -> str:
+        return f"Anchor({self.object!r}, facts={self.n}, layers={self.phi.shape[0]})"
+
+
+_RECALL: dict[tuple, bool] = {}
+_ANCHORS: dict[tuple, Anchor] = {}
+
+
+def recalled(lm, facts, batch_size: int = 64) -> list[bool]:
+    """Whether the unedited model completes each fact's prompt with its object (greedy)."""
+    todo = [f for f in facts if (lm.fingerprint, f.prompt, f.object) not in _RECALL]
+    if todo:
+        res = target_logprobs(lm, [f.prompt for f in todo], [f.object for f in todo], batch_size)
+        for f, r in zip(todo, res):
+            _RECALL[(lm.fingerprint, f.prompt, f.object)] = r["greedy"]
+    return [_RECALL[(lm.fingerprint, f.prompt, f.object)] for f in facts]
+
+
+def _facts_key(facts) -> str:
+    h = hashlib.sha256()
+    for f in facts:
+        h.update(f"{f.subject}\t{f.relation}\t{f.object}\t{f.template}\n".encode())
+    return h.hexdigest()[:12]
+
+
+def build_anchor(
+    lm,
+    obj: str,
+    facts=None,
+    n_per_relation: int = 8,
+    seed: int = 0,
+    require_recall: bool = True,
+    min_facts: int = 3,
+    warn_below: int = 6,
+    exclude_subjects: tuple = (),
+    use_cache: bool = True,
+) -> Anchor:
+    """The anchor phi of ``obj`` (see module docstring).
+
+    ``exclude_subjects``: leave these subjects out (e.g. the edited subject itself).
+    Raises :class:`AnchorError` with fewer than ``min_facts`` usable facts; warns below
+    ``warn_below``.
+    """
+    from .datasets import load_reference_facts
+
+    facts = load_reference_facts() if facts is None else facts
+    mine = [f for f in facts if f.object == obj and f.subject not in exclude_subjects]
+    settings = dict(n_per_relation=n_per_relation, seed=seed, require_recall=require_recall,
+                    exclude=sorted(exclude_subjects))
+    key = (lm.fingerprint, obj, repr(sorted(settings.items())), _facts_key(mine))
+    if use_cache and key in _ANCHORS:
+        return _ANCHORS[key]
+    path = cache_dir() / "anchors" / (
+        hashlib.sha256(repr(key).encode()).hexdigest()[:20] + ".pt")
+    if use_cache and path.exists():
+        try:
+            a = torch.load(path, weights_only=False)
+            _ANCHORS[key] = a
+            return a
+        except Exception:
+            path.unlink(missing_ok=True)
+    ok = recalled(lm, mine) if require_recall else [True] * len(mine)
+    by_rel: dict[str, list] = {}
+    for f, r in zip(mine, ok):
+        by_rel.setdefault(f.relation, []).append((f, r))
+    rng = random.Random(seed)
+    used, report = [], []
+    for rel in sorted(by_rel):
+        good = [f for f, r in by_rel[rel] if r]
+        pick = good if len(good) <= n_per_relation else rng.sample(good, n_per_relation)
+        used += pick
+        report.append(dict(object=obj, relation=rel, found=len(by_rel[rel]),
+                           recalled=len(good), used=len(pick)))
+    if len(used) < min_facts:
+        raise AnchorError(
+            f"only {len(used)} usable reference facts for object {obj!r} "
+            f"({len(mine)} found, {sum(ok)} recalled by the model); need >= {min_facts}. "
+            "Add facts with this object to data/reference_facts.jsonl, pass facts=..., or "
+            "lower min_facts / set require_recall=False."
+        )
+    if len(used) < warn_below:
+        warnings.warn(f"anchor for {obj!r} averages only {len(used)} facts", stacklevel=2)
+    cap = capture(lm, [f.prompt for f in used], positions=("last",))
+    phi = cap.get("last").mean(0)  # [layer, hidden]
+    a = Anchor(obj, phi, used, report, settings)
+    if use_cache:
+        _ANCHORS[key] = a
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent)
+        os.close(fd)
+        torch.save(a, tmp)
+        os.replace(tmp, path)
+    return a
+
+
+@dataclass
+class Bank:
+    """Residual streams of many reference facts (unedited model, last position)."""
+
+    facts: list
+    tensor: torch.Tensor  # [fact, layer, hidden]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """``[layer, hidden]``: the common component removed before centred cosines."""
+        return self.tensor.mean(0)
+
+    @property
+    def objects(self) -> list[str]:
+        return [f.object for f in self.facts]
+
+
+_BANKS: dict[tuple, Bank] = {}
+
+
+def reference_bank(lm, facts=None, limit: int | None = None, seed: int = 0,
+                   use_cache: bool = True) -> Bank:
+    """Capture the last-position residual stream of reference facts at every layer."""
+    from .datasets import load_reference_facts
+
+    facts = load_reference_facts() if facts is None else list(facts)
+    if limit is not None and len(facts) > limit:
+        facts = random.Random(seed).sample(facts, limit)
+    key = (lm.fingerprint, _facts_key(facts))
+    if use_cache and key in _BANKS:
+        return _BANKS[key]
+    path = cache_dir() / "banks" / f"{lm.fingerprint}-{key[1]}.pt"
+    if use_cache and path.exists():
+        try:
+            bank = Bank(facts, torch.load(path, weights_only=True))
+            _BANKS[key] = bank
+            return bank
+        except Exception:
+            path.unlink(missing_ok=True)
+    t = capture(lm, [f.prompt for f in facts], positions=("last",), batch_size=64).get("last")
+    bank = Bank(facts, t)
+    if use_cache:
+        _BANKS[key] = bank
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent)
+        os.close(fd)
+        torch.save(t, tmp)
+        os.replace(tmp, path)
+    return bank
+
+
+def clear_caches() -> None:
+    _RECALL.clear()
+    _ANCHORS.clear()
+    _BANKS.clear()

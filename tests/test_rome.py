@@ -1,0 +1,169 @@
+"""ROME: the fast v* optimisation equals the plain one, edits work on the bare prompt,
+undo is bitwise, deltas replay, hyperparameters read EasyEdit YAML."""
+
+import pytest
+import torch
+
+from steamviz import rome
+from steamviz.edits import load_edit
+from steamviz.forward import greedy, target_logprobs
+from steamviz.requests import EditRequest
+from steamviz.rome import ROMEHparams
+
+REQ = EditRequest(prompt="{} is located in the country of", subject="Toronto",
+                  target_new="Japan", target_true="Canada",
+                  paraphrase_prompts=["Toronto is a city in the country of"])
+FAST = dict(context_template_length_params=((5, 3), (10, 2)))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, state):
+    return all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_fast_v_equals_plain_implementation_tiny(tiny):
+    """The prefix-cache path must match the full-forward path on every architecture."""
+    req = EditRequest(prompt="The capital city of {} is", subject="France", target_new="Rome",
+                      target_true="Paris")
+    hp = ROMEHparams(layer=1, v_num_grad_steps=4, **FAST)
+    prep = rome.prepare(tiny, req, hp, use_cache=False)
+    fast = rome.compute_v(tiny, prep, hp)
+    plain = rome.compute_v_reference(tiny, prep, hp)
+    assert [round(x["nll"], 4) for x in fast.losses] == [round(x["nll"], 4) for x in plain.losses]
+    torch.testing.assert_close(fast.delta, plain.delta, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.model
+def test_fast_v_equals_plain_implementation_real(lm):
+    hp = ROMEHparams.for_model(lm).replace(v_num_grad_steps=3, **FAST)
+    prep = rome.prepare(lm, REQ, hp, use_cache=False)
+    fast, plain = rome.compute_v(lm, prep, hp), rome.compute_v_reference(lm, prep, hp)
+    assert abs(fast.losses[-1]["nll"] - plain.losses[-1]["nll"]) < 1e-3
+    assert (fast.delta - plain.delta).norm() / plain.delta.norm() < 1e-3
+
+
+@pytest.mark.model
+def test_edit_works_on_bare_prompt_and_restores_bitwise(lm, tmp_path):
+    state = _state(lm.model)
+    before = target_logprobs(lm, [REQ.rewrite_prompt] * 2, ["Japan", "Canada"])
+    assert before[1]["prob"] > before[0]["prob"]
+    edit = rome.apply(lm, REQ, ROMEHparams.for_model(lm).replace(**FAST))
+    after = target_logprobs(lm, [REQ.rewrite_prompt] * 2, ["Japan", "Canada"])
+    assert after[0]["prob"] > 0.5 > after[1]["prob"]
+    # the bare prompt (subject at the first position after the start token) generates it
+    assert greedy(lm, [REQ.rewrite_prompt], 2)[0].startswith(" Japan")
+    assert not _same(lm.model, state)
+    path = edit.save(tmp_path / "toronto.safetensors")
+    edited = _state(lm.model)
+    edit.restore()
+    assert _same(lm.model, state)
+    edit.restore()  # idempotent
+    assert _same(lm.model, state)
+    # replay the saved delta on the restored model: the same weights again
+    replay = load_edit(path)
+    assert replay.method == "ROME" and replay.info["request"]["subject"] == "Toronto"
+    with replay.apply(lm.model):
+        assert _same(lm.model, edited)
+    assert _same(lm.model, state)
+
+
+@pytest.mark.model
+def test_context_manager_restores_on_exception(lm):
+    state = _state(lm.model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with rome.apply(lm, REQ, ROMEHparams.for_model(lm).replace(v_num_grad_steps=2, **FAST)):
+            assert not _same(lm.model, state)
+            raise RuntimeError("boom")
+    assert _same(lm.model, state)
+
+
+@pytest.mark.model
+def test_failure_while_writing_leaves_model_untouched(lm, monkeypatch):
+    from steamviz import edits
+
+    state = _state(lm.model)
+    calls = {"n": 0}
+    orig = edits.WeightEdit.add_delta
+
+    def flaky(self, name, delta, index=None):
+        orig(self, name, delta, index)
+        raise OSError("disk gone mid-edit")
+
+    monkeypatch.setattr(edits.WeightEdit, "add_delta", flaky)
+    with pytest.raises(OSError):
+        rome.apply(lm, REQ, ROMEHparams.for_model(lm).replace(v_num_grad_steps=2, **FAST))
+    assert _same(lm.model, state) and calls["n"] == 0
+    assert getattr(lm.model, "_steamviz_active_edits", 0) == 0
+
+
+def test_hparams_from_easyedit_yaml(tmp_path):
+    y = tmp_path / "rome.yaml"
+    y.write_text("alg_name: ROME\nmodel_name: x\nlayers: [7]\nfact_token: subject_last\n"
+                 "v_num_grad_steps: 20\nv_lr: 0.5\nv_loss_layer: 29\nv_weight_decay: 0.001\n"
+                 "clamp_norm_factor: 4\nkl_factor: 0.0625\nmom2_adjustment: false\n"
+                 "context_template_length_params: [[5, 10], [10, 10]]\n"
+                 "rewrite_module_tmp: model.layers.{}.mlp.down_proj\nmom2_n_samples: 100000\n")
+    hp = ROMEHparams.from_yaml(y)
+    assert hp.layer == 7 and hp.v_num_grad_steps == 20 and hp.mom2_n_tokens == 100000
+    assert hp.context_template_length_params == ((5, 10), (10, 10))
+    y.write_text("layers: [7]\nv_lrr: 0.5\n")
+    with pytest.raises(ValueError, match="unknown ROME hyperparameter 'v_lrr'"):
+        ROMEHparams.from_yaml(y)
+    y.write_text("layers: [3, 4]\n")
+    with pytest.raises(ValueError, match="one layer"):
+        ROMEHparams.from_yaml(y)
+
+
+def test_gpt2_conv1d_layout_edit(tokenizer):
+    from conftest import build_tiny
+
+    tiny = build_tiny("gpt2", tokenizer)
+    req = EditRequest(prompt="The capital city of {} is", subject="France", target_new="Rome")
+    state = _state(tiny.model)
+    hp = ROMEHparams(layer=1, v_num_grad_steps=6, **FAST)
+    prep = rome.prepare(tiny, req, hp, use_cache=False)
+    v = rome.compute_v(tiny, prep, hp)
+    assert v.losses[-1]["nll"] < v.losses[0]["nll"] - 0.5
+    edit = rome.write_update(tiny, prep, v)
+    proj = tiny.model.transformer.h[1].mlp.c_proj  # Conv1D: weight [in, out]
+    assert edit.deltas["transformer.h.1.mlp.c_proj.weight"].shape == proj.weight.shape
+    with torch.no_grad():  # the edited projection maps the subject's key onto v*
+        torch.testing.assert_close(proj(prep.k_bare[None])[0], v.target, rtol=1e-4, atol=1e-4)
+    edit.restore()
+    assert _same(tiny.model, state)
+
+
+@pytest.mark.model
+def test_second_moment_statistics_cached_and_used(lm, tmp_path, monkeypatch):
+    from steamviz import stats
+
+    monkeypatch.setenv("STEAMVIZ_CACHE", str(tmp_path))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(
+        "\n".join("Paris is the capital of France and a large city in Europe with many museums."
+                  f" Line {i} talks about rivers, trains and {i} bridges over the Seine."
+                  for i in range(40)))
+    C = stats.second_moment(lm, 5, corpus=corpus, n_tokens=2000, progress=False)
+    assert C.shape == (1536, 1536) and torch.allclose(C, C.T)
+    assert torch.linalg.eigvalsh(C).min() > -1e-6
+    files = list((tmp_path / "stats").iterdir())
+    assert len(files) == 1
+    again = stats.second_moment(lm, 5, corpus=corpus, n_tokens=2000, progress=False)
+    assert torch.equal(C, again)
+    hp = ROMEHparams.for_model(lm).replace(v_num_grad_steps=3, mom2_adjustment=True,
+                                           mom2_corpus=str(corpus), mom2_n_tokens=2000,
+                                           mom2_ridge=1e-2, **FAST)
+    prep = rome.prepare(lm, REQ, hp, use_cache=False)
+    Cinv = stats.inverse(C, 1e-2).float()
+    expect = Cinv @ prep.k_star
+    torch.testing.assert_close(prep.u, expect / expect.norm(), rtol=1e-4, atol=1e-6)
+    # the update maps the bare key exactly onto v*
+    v = rome.compute_v(lm, prep, hp)
+    upd = rome.update_matrix(prep, v)
+    torch.testing.assert_close(upd @ prep.k_bare, v.target - prep.v_init, rtol=1e-3, atol=1e-4)
+    with pytest.raises(FileNotFoundError, match="neither a folder"):
+        stats.second_moment(lm, 5, corpus=tmp_path / "nope")
