@@ -117,6 +117,24 @@ def _eval(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from .sweep import ConfigError, SweepConfig, run_sweep, summarize
+
+    try:
+        cfg = SweepConfig.from_yaml(args.config)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"steamviz sweep: bad config: {e}", file=sys.stderr)
+        return 2
+    if args.n is not None:
+        cfg.n_edits = args.n
+    df = run_sweep(cfg, args.out)
+    from .evaluation import markdown
+
+    table = summarize(df)
+    print(markdown(table.set_index("method")))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="steamviz", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -146,6 +164,11 @@ def main(argv=None) -> int:
     v.add_argument("--model", default=None)
     v.add_argument("--device", default="auto")
     v.set_defaults(fn=_eval)
+    w = sub.add_parser("sweep", help="run a sweep from a YAML config (resumable)")
+    w.add_argument("config")
+    w.add_argument("--out", required=True, help="run folder, e.g. runs/lam")
+    w.add_argument("--n", type=int, default=None, help="override n_edits")
+    w.set_defaults(fn=_sweep)
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -52,7 +52,7 @@ def run(
 def summary(df: pd.DataFrame, cols: Sequence[str] = HEADLINE) -> pd.DataFrame:
     """Mean of each metric by method and stage."""
     cols = [c for c in cols if c in df.columns]
-    return df.groupby(["method", "stage"], sort=False)[cols].mean().round(3)
+    return df.groupby(["method", "stage"], sort=False, dropna=False)[cols].mean().round(3)
 
 
 def markdown(df: pd.DataFrame) -> str:

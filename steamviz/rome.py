@@ -61,6 +61,13 @@ class ROMEHparams:
     mom2_ridge: float = 0.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.context_template_length_params = tuple(
+            tuple(int(v) for v in x) for x in self.context_template_length_params)
+        self.kl_prompts = tuple(self.kl_prompts)
+        if self.v_num_grad_steps < 1 or self.v_lr <= 0:
+            raise ValueError("v_num_grad_steps must be >= 1 and v_lr > 0")
+
     def replace(self, **kw) -> "ROMEHparams":
         return dataclasses.replace(self, **kw)
 
@@ -403,7 +410,7 @@ def compute_v(lm, prep: Prepared, hp: ROMEHparams | None = None, align: Align | 
     onehot = onehot[..., None]
     target_norm = prep.v_init.norm()
     max_norm = hp.clamp_norm_factor * target_norm
-    use_align = align is not None and align.lam != 0
+    use_align = align is not None  # lam = 0 records L_LA without changing the optimisation
     align_layers = sorted(set(align.layers)) if use_align else []
     if use_align:
         bad = [x for x in align_layers if not L + 1 <= x <= lm.n_layers]
@@ -449,7 +456,8 @@ def compute_v(lm, prep: Prepared, hp: ROMEHparams | None = None, align: Align | 
             if use_align:
                 la = align.loss(streams)
                 rec["align"] = la.item()
-                total = loss + align.lam * la
+                if align.lam != 0:
+                    total = loss + align.lam * la
             rec["loss"] = total.item()
             rec["p_target"] = float(torch.exp(-nll.detach()))
             losses.append(rec)

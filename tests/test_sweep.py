@@ -1,0 +1,87 @@
+"""Sweeps: config validation, and a sweep killed with SIGKILL resumes to the same store."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from steamviz.sweep import ConfigError, Store, SweepConfig, grid
+
+SMALL = dict(data="default", n_edits=2, methods=["rome", "steam-rome"], lams=[50.0],
+             generation=False, bank_size=100,
+             hparams=dict(context_template_length_params=[[5, 2]], v_num_grad_steps=3))
+
+
+def test_bad_config_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="unknown config key 'lambdas'"):
+        SweepConfig.from_dict({"lambdas": [1]})
+    with pytest.raises(ConfigError, match="'methods'.*each one of"):
+        SweepConfig.from_dict({"methods": ["rome", "memmit"]})
+    with pytest.raises(ConfigError, match="'lams': a list of numbers"):
+        SweepConfig.from_dict({"lams": ["big"]})
+    with pytest.raises(ConfigError, match="'hparams'"):
+        SweepConfig.from_dict({"hparams": {"v_lrr": 1}})
+    SweepConfig.from_dict(SMALL)
+
+
+def test_grid_points():
+    cfg = SweepConfig.from_dict(dict(SMALL, lams=[5.0, 20.0], edit_layers=[4, 6]))
+    pts = grid(cfg, default_layer=5)
+    assert [p["method"] for p in pts].count("unedited") == 1
+    assert sum(p["method"] == "rome" for p in pts) == 2
+    assert {(p["layer"], p["lam"]) for p in pts if p["method"] == "steam-rome"} == {
+        (4, 5.0), (4, 20.0), (6, 5.0), (6, 20.0)}
+
+
+def test_cli_refuses_bad_config_before_work(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("n_edits: 2\nlamdas: [1]\n")
+    out = subprocess.run([sys.executable, "-m", "steamviz", "sweep", str(cfg), "--out",
+                          str(tmp_path / "run")], capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown config key 'lamdas'" in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _run(cfg_path, out, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "steamviz", "sweep", str(cfg_path), "--out",
+                             str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, **kw)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(tmp_path, lm):
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(SMALL))
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    p = _run(cfg_path, killed)
+    t0 = time.time()
+    while time.time() - t0 < 600:
+        pts = killed / "points"
+        if pts.exists() and len(list(pts.glob("*.json"))) >= 2:
+            break
+        if p.poll() is not None:
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, "the sweep finished before it could be killed"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    n_before = len(list((killed / "points").glob("*.json")))
+    assert 2 <= n_before < 6
+    assert _run(cfg_path, killed).wait() == 0
+    assert _run(cfg_path, clean).wait() == 0
+    a = {r["key"]: r for r in Store(killed).rows()}
+    b = {r["key"]: r for r in Store(clean).rows()}
+    assert len(a) == len(b) == 6 and set(a) == set(b)
+    assert not [x for x in (killed / "points").iterdir() if not x.name.endswith(".json")]
+    for k in a:
+        for col in ("efficacy", "paraphrase", "p_new", "cos_centered", "knn_share"):
+            va, vb = a[k].get(col), b[k].get(col)
+            assert (va is None and vb is None) or abs(va - vb) < 1e-6, (k, col, va, vb)
+    assert json.loads((killed / "versions.json").read_text())["torch"]
