@@ -129,23 +129,46 @@ def next_token_logits(lm, prompts: Sequence[str], batch_size: int = 32) -> torch
 
 
 @torch.no_grad()
-def greedy(lm, prompts: Sequence[str], max_new_tokens: int = 20, stop_at_eos: bool = True
-           ) -> list[str]:
-    """Greedy continuation of each prompt (text after the prompt), with a KV cache."""
+def greedy(lm, prompts: Sequence[str], max_new_tokens: int = 20, stop_at_eos: bool = True,
+           batch_size: int = 16) -> list[str]:
+    """Greedy continuation of each prompt (text after the prompt).
+
+    Batched: prompts are left-padded, positions count real tokens only, and a KV cache
+    carries the batch forward one token at a time; equal to one-prompt-at-a-time decoding.
+    """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    outs = []
+    outs: list[str] = []
     eos = lm.tok.eos_token_id
-    for p in prompts:
-        ids = encode(lm, [p]).input_ids
-        past, new = None, []
-        cur = ids
+    dev = lm.device
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s : s + batch_size]
+        ids = [list(lm.prefix_ids) + token_ids(lm, p) for p in chunk]
+        T = max(len(x) for x in ids)
+        inp = torch.full((len(ids), T), int(lm.tok.pad_token_id), dtype=torch.long)
+        mask = torch.zeros((len(ids), T), dtype=torch.long)
+        for i, x in enumerate(ids):
+            inp[i, T - len(x) :] = torch.tensor(x)
+            mask[i, T - len(x) :] = 1
+        inp, mask = inp.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        past, cur = None, inp
+        new = torch.zeros((len(ids), 0), dtype=torch.long, device=dev)
+        done = torch.zeros(len(ids), dtype=torch.bool, device=dev)
         for _ in range(max_new_tokens):
-            o = lm.model(input_ids=cur, past_key_values=past, use_cache=True)
+            o = lm.model(input_ids=cur, attention_mask=mask, position_ids=pos,
+                         past_key_values=past, use_cache=True)
             past = o.past_key_values
-            nxt = int(o.logits[0, -1].argmax())
-            if stop_at_eos and nxt == eos:
+            nxt = o.logits[:, -1].argmax(-1)
+            if stop_at_eos and eos is not None:
+                done |= nxt == eos
+            new = torch.cat([new, nxt[:, None]], dim=1)
+            if bool(done.all()):
                 break
-            new.append(nxt)
-            cur = torch.tensor([[nxt]], device=ids.device)
-        outs.append(lm.tok.decode(new))
+            cur = nxt[:, None]
+            mask = torch.cat([mask, torch.ones_like(cur)], dim=1)
+            pos = pos[:, -1:] + 1
+        for row in new.tolist():
+            if stop_at_eos and eos in row:
+                row = row[: row.index(eos)]
+            outs.append(lm.tok.decode(row))
     return outs
