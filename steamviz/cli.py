@@ -135,6 +135,29 @@ def _sweep(args) -> int:
     return 0
 
 
+def _figures(args) -> int:
+    from . import figures
+    from .sweep import Store, summarize
+
+    run = Path(args.run)
+    df = Store(run).frame()
+    if df.empty:
+        print(f"steamviz figures: no results in {run}/points", file=sys.stderr)
+        return 2
+    out = run / "figures"
+    made = {
+        "layer_cosine": figures.layer_cosine(df),
+        "tradeoff": figures.tradeoff(summarize(df)),
+    }
+    if (df.method == "steam-rome").any() and df.lam.dropna().nunique() >= 1:
+        made["lambda_layer_heatmap"] = figures.lambda_layer_heatmap(df)
+    formats = tuple(args.formats.split(","))
+    for name, fig in made.items():
+        paths = figures.export(fig, out / name, formats=formats)
+        print("wrote", ", ".join(str(p) for p in paths))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="steamviz", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -169,6 +192,10 @@ def main(argv=None) -> int:
     w.add_argument("--out", required=True, help="run folder, e.g. runs/lam")
     w.add_argument("--n", type=int, default=None, help="override n_edits")
     w.set_defaults(fn=_sweep)
+    f = sub.add_parser("figures", help="write the figures of a sweep run folder")
+    f.add_argument("run")
+    f.add_argument("--formats", default="html,png,pdf,svg")
+    f.set_defaults(fn=_figures)
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -1,0 +1,243 @@
+"""Figures (plotly). Each function returns a ``go.Figure``; wrap it in
+``go.FigureWidget(fig)`` for live updates in JupyterLab. :func:`export` writes HTML always
+and PNG / PDF / SVG through kaleido (driven by a system Chromium).
+
+>>> fig = layer_cosine(df)                     # df: sweep rows      # doctest: +SKIP
+>>> export(fig, "runs/lam/figures/cosine", formats=("html", "png", "pdf", "svg"))  # doctest: +SKIP
+
+Style: :data:`STYLE` (font, sizes for one- and two-column paper layouts), applied by
+:func:`style`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+STYLE = dict(
+    font="Arial, Helvetica, sans-serif",
+    font_size=11,
+    one_column=(340, 260),  # px at 100 dpi ~ 3.4 in
+    two_column=(700, 320),
+    colors={"unedited": "#7f7f7f", "rome": "#d62728", "steam-rome": "#1f77b4",
+            "memit": "#ff7f0e", "sake": "#2ca02c", "baft": "#9467bd", "kne": "#8c564b"},
+)
+
+
+def style(fig: go.Figure, width: str = "two_column", title: str | None = None) -> go.Figure:
+    w, h = STYLE[width]
+    fig.update_layout(
+        template="simple_white", width=w, height=h, title=title,
+        font=dict(family=STYLE["font"], size=STYLE["font_size"]),
+        margin=dict(l=50, r=10, t=40 if title else 10, b=40),
+        legend=dict(font=dict(size=STYLE["font_size"] - 1)),
+    )
+    return fig
+
+
+def _label(method: str, lam=None, centered=None) -> str:
+    if method != "steam-rome" or lam is None or (isinstance(lam, float) and np.isnan(lam)):
+        return {"rome": "ROME", "unedited": "unedited"}.get(method, method)
+    c = " centred" if centered in (True, "True") else ""
+    return f"STEAM λ={float(lam):g}{c}"
+
+
+def _color(method: str, i: int = 0) -> str:
+    base = STYLE["colors"].get(method, "#333333")
+    if method == "steam-rome" and i:
+        shades = ["#1f77b4", "#17becf", "#393b79", "#6baed6", "#08519c"]
+        return shades[i % len(shades)]
+    return base
+
+
+def _layers_matrix(df: pd.DataFrame, col: str) -> np.ndarray:
+    vals = [json.loads(v) if isinstance(v, str) else v for v in df[col]]
+    return np.array([v for v in vals if v is not None], dtype=float)
+
+
+def layer_cosine(df: pd.DataFrame, col: str = "cos_centered_layers",
+                 align_layers: Sequence[int] | None = None) -> go.Figure:
+    """Per-layer cosine to the new object's anchor, one line per method / lambda, with a
+    95% confidence band over edits (normal approximation)."""
+    fig = go.Figure()
+    groups = df.groupby(["method", "lam", "centered"], dropna=False, sort=False)
+    for i, ((method, lam, cen), g) in enumerate(groups):
+        M = _layers_matrix(g, col)
+        if M.size == 0:
+            continue
+        x = np.arange(M.shape[1])
+        mean = M.mean(0)
+        ci = 1.96 * M.std(0, ddof=1) / np.sqrt(len(M)) if len(M) > 1 else np.zeros_like(mean)
+        name = _label(method, lam, cen)
+        color = _color(method, i)
+        fig.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[mean + ci, (mean - ci)[::-1]],
+                                 fill="toself", fillcolor=color, opacity=0.15, line=dict(width=0),
+                                 hoverinfo="skip", showlegend=False, legendgroup=name,
+                                 name=f"{name} 95% CI"))
+        fig.add_trace(go.Scatter(x=x, y=mean, mode="lines", name=name, legendgroup=name,
+                                 line=dict(color=color, width=2)))
+    if align_layers:
+        fig.add_vrect(x0=min(align_layers), x1=max(align_layers), fillcolor="#cccccc",
+                      opacity=0.2, line_width=0)
+    fig.update_xaxes(title="layer (residual stream)")
+    fig.update_yaxes(title="centred cosine to anchor" if "centered" in col else "cosine to anchor")
+    return style(fig)
+
+
+def lambda_layer_heatmap(df: pd.DataFrame, col: str = "cos_centered_layers",
+                         baseline: str = "rome") -> go.Figure:
+    """Layer x lambda heatmap of the mean per-layer cosine of STEAM-ROME, minus ``baseline``'s
+    (ROME) so colour shows what the alignment term adds."""
+    st = df[df.method == "steam-rome"]
+    lams = sorted(st.lam.dropna().unique())
+    rows = [_layers_matrix(st[st.lam == lam], col).mean(0) for lam in lams]
+    Z = np.array(rows)
+    base = _layers_matrix(df[df.method == baseline], col)
+    title = "cosine"
+    if base.size:
+        Z = Z - base.mean(0)[None]
+        title = f"Δ cosine vs {baseline.upper()}"
+    fig = go.Figure(go.Heatmap(z=Z, x=list(range(Z.shape[1])), y=[f"{v:g}" for v in lams],
+                               colorscale="RdBu", zmid=0, colorbar=dict(title=title)))
+    fig.update_xaxes(title="layer")
+    fig.update_yaxes(title="λ", type="category")
+    return style(fig)
+
+
+def tradeoff(summary: pd.DataFrame,
+             metrics: Sequence[str] = ("efficacy", "portability", "fluency", "cos_centered")
+             ) -> go.Figure:
+    """Lambda against each metric (STEAM-ROME points as lines; ROME as a dashed level)."""
+    from plotly.subplots import make_subplots
+
+    metrics = [m for m in metrics if m in summary.columns]
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics,
+                        horizontal_spacing=0.08)
+    st = summary[summary.method == "steam-rome"].copy()
+    st["lam"] = st["lam"].astype(float)
+    st = st.sort_values("lam")
+    ro = summary[summary.method == "rome"]
+    for j, m in enumerate(metrics, start=1):
+        fig.add_trace(go.Scatter(x=st.lam, y=st[m], mode="lines+markers", name="STEAM-ROME",
+                                 line=dict(color=_color("steam-rome")), showlegend=j == 1,
+                                 legendgroup="steam"), row=1, col=j)
+        if len(ro):
+            fig.add_hline(y=float(ro[m].mean()), line=dict(color=_color("rome"), dash="dash"),
+                          row=1, col=j)
+        fig.update_xaxes(title="λ", row=1, col=j)
+    return style(fig)
+
+
+def logit_lens(rows: list[dict] | pd.DataFrame, value: str = "prob") -> go.Figure:
+    """Heatmap of the logit lens: layers x (method, target) of P or rank."""
+    df = pd.DataFrame(rows)
+    if "method" not in df.columns:
+        df["method"] = "model"
+    df["row"] = df["method"] + ": " + df["token"] + " (" + df["target"] + ")"
+    piv = df.pivot_table(index="row", columns="layer", values=value, aggfunc="mean")
+    fig = go.Figure(go.Heatmap(z=piv.values, x=list(piv.columns), y=list(piv.index),
+                               colorscale="Viridis", colorbar=dict(title=value)))
+    fig.update_xaxes(title="layer")
+    return style(fig)
+
+
+def latent_map(lmap, bank, layer: int, anchors: dict | None = None,
+               moves: list[dict] | None = None, top_objects: int = 12) -> go.Figure:
+    """The latent map: reference facts coloured by object (``top_objects`` most frequent,
+    others grey), anchors as stars, edits as arrows from pre to post.
+
+    ``moves``: dicts with ``label``, ``method``, ``pre`` and ``post`` (``[d]`` streams at
+    ``layer``), e.g. from :func:`steamviz.integration.last_streams` before/after an edit.
+    """
+    emb = lmap.embedding
+    objs = pd.Series(bank.objects)
+    top = list(objs.value_counts().index[:top_objects])
+    fig = go.Figure()
+    other = ~objs.isin(top).values
+    fig.add_trace(go.Scattergl(x=emb[other, 0], y=emb[other, 1], mode="markers",
+                               marker=dict(size=4, color="#dddddd"), name="other facts",
+                               text=[f.prompt for f, o in zip(bank.facts, other) if o],
+                               hoverinfo="text"))
+    for o in top:
+        sel = (objs == o).values
+        fig.add_trace(go.Scattergl(x=emb[sel, 0], y=emb[sel, 1], mode="markers",
+                                   marker=dict(size=5), name=o, legendgroup=o,
+                                   text=[f.prompt for f, s in zip(bank.facts, sel) if s],
+                                   hoverinfo="text"))
+    for name, a in (anchors or {}).items():
+        xy = lmap.transform(a.phi[layer][None])
+        fig.add_trace(go.Scatter(x=xy[:, 0], y=xy[:, 1], mode="markers+text", text=[name],
+                                 textposition="top center", name=f"anchor {name}",
+                                 marker=dict(symbol="star", size=14, color="black",
+                                             line=dict(color="white", width=1))))
+    for mv in moves or []:
+        pre = lmap.transform(np.asarray(mv["pre"])[None])[0]
+        post = lmap.transform(np.asarray(mv["post"])[None])[0]
+        color = _color(mv.get("method", "rome"))
+        fig.add_trace(go.Scatter(x=[pre[0], post[0]], y=[pre[1], post[1]], mode="markers",
+                                 marker=dict(size=[7, 11], color=color,
+                                             symbol=["circle-open", "circle"]),
+                                 name=f"{mv['label']} ({_label(mv.get('method', ''))})",
+                                 legendgroup="edits"))
+        fig.add_annotation(x=post[0], y=post[1], ax=pre[0], ay=pre[1], xref="x", yref="y",
+                           axref="x", ayref="y", showarrow=True, arrowhead=2, arrowwidth=1.5,
+                           arrowcolor=color)
+    fig.update_xaxes(title=f"{lmap.method.upper()} 1", showticklabels=False)
+    fig.update_yaxes(title=f"{lmap.method.upper()} 2", showticklabels=False)
+    return style(fig)
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def find_browser() -> str | None:
+    p = os.environ.get("BROWSER_PATH")
+    if p and Path(p).exists():
+        return p
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        w = shutil.which(name)
+        if w:
+            return w
+    return None
+
+
+def export(fig: go.Figure, path, formats: Sequence[str] = ("html", "png", "pdf", "svg"),
+           scale: float = 2.0) -> list[Path]:
+    """Write ``path.<fmt>`` for each format; HTML needs nothing, the others need kaleido and
+    a Chromium browser (``apt-get install chromium``; or set ``BROWSER_PATH``). Files are
+    written atomically."""
+    from .io import write_bytes, write_text
+
+    path = Path(path)
+    out = []
+    static = [f for f in formats if f != "html"]
+    if "html" in formats:
+        out.append(write_text(path.with_suffix(".html"),
+                              fig.to_html(include_plotlyjs="cdn", full_html=True)))
+    if not static:
+        return out
+    browser = find_browser()
+    if browser is None:
+        raise ExportError(
+            "PNG/PDF/SVG export needs a Chromium browser for kaleido and none was found. "
+            "Fix: `apt-get install chromium` (Debian/Ubuntu) or set BROWSER_PATH to a "
+            "Chrome/Chromium binary. HTML export works without it."
+        )
+    os.environ.setdefault("BROWSER_PATH", browser)
+    import plotly.io as pio
+
+    for fmt in static:
+        try:
+            data = pio.to_image(fig, format=fmt, scale=scale)
+        except Exception as e:  # kaleido / browser failures
+            raise ExportError(f"{fmt.upper()} export failed with browser {browser}: {e}") from e
+        out.append(write_bytes(path.with_suffix(f".{fmt}"), data))
+    return out

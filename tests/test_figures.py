@@ -1,0 +1,97 @@
+"""Figures hold the expected traces; export writes real PNG/PDF/SVG files; maps place
+new points consistently."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from steamviz import figures
+from steamviz.figures import ExportError, export
+from steamviz.geometry import fit_map
+
+
+def _sweep_rows():
+    rng = np.random.default_rng(0)
+    rows = []
+    for case in range(4):
+        for method, lam, shift in (("unedited", None, 0.0), ("rome", None, 0.05),
+                                   ("steam-rome", 20.0, 0.10), ("steam-rome", 50.0, 0.15)):
+            layers = np.linspace(0.9, 0.5, 31) + shift + rng.normal(0, 0.01, 31)
+            rows.append(dict(case_id=case, method=method, lam=lam, centered=None,
+                             cos_centered_layers=json.dumps(layers.tolist()),
+                             efficacy=float(method != "unedited"), portability=0.5,
+                             fluency=5.0, cos_centered=float(layers[8:21].mean())))
+    return pd.DataFrame(rows)
+
+
+def test_layer_cosine_has_a_line_and_band_per_group():
+    fig = figures.layer_cosine(_sweep_rows(), align_layers=range(8, 21))
+    names = [t.name for t in fig.data if t.showlegend is not False]
+    assert names == ["unedited", "ROME", "STEAM λ=20", "STEAM λ=50"]
+    bands = [t for t in fig.data if t.fill == "toself"]
+    assert len(bands) == 4 and len(fig.data[1].y) == 31
+    steam50 = [t for t in fig.data if t.name == "STEAM λ=50"][0]
+    rome = [t for t in fig.data if t.name == "ROME"][0]
+    assert np.mean(steam50.y) > np.mean(rome.y)
+
+
+def test_heatmap_and_tradeoff():
+    df = _sweep_rows()
+    hm = figures.lambda_layer_heatmap(df)
+    assert hm.data[0].z.shape == (2, 31) and list(hm.data[0].y) == ["20", "50"]
+    assert hm.data[0].z.mean() > 0  # STEAM above ROME in this synthetic sweep
+    summ = df.groupby(["method", "lam"], dropna=False).mean(numeric_only=True).reset_index()
+    tr = figures.tradeoff(summ)
+    assert len([t for t in tr.data if t.name == "STEAM-ROME"]) == 4
+    assert list(tr.data[0].x) == [20.0, 50.0]
+
+
+def test_logit_lens_heatmap():
+    rows = [dict(layer=l, target=t, token=t, prob=p, method="ROME")
+            for l in range(5) for t, p in (("new", 0.1 * l), ("old", 0.5))]
+    fig = figures.logit_lens(rows)
+    assert fig.data[0].z.shape == (2, 5)
+
+
+def test_pca_map_and_latent_figure():
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.normal(0, 1, (30, 16)) + 5, rng.normal(0, 1, (30, 16)) - 5].astype(np.float32)
+    m = fit_map(x, method="pca", use_cache=False)
+    np.testing.assert_allclose(m.transform(x), m.embedding, rtol=1e-4, atol=1e-4)
+
+    class Bank:
+        objects = ["A"] * 30 + ["B"] * 30
+        facts = [type("F", (), {"prompt": f"p{i}"})() for i in range(60)]
+
+    class Anchor:
+        phi = np.stack([x[:30].mean(0)] * 3)
+
+    fig = figures.latent_map(m, Bank, layer=1, anchors={"A": Anchor},
+                             moves=[dict(label="e1", method="rome", pre=x[40], post=x[5])])
+    names = [t.name for t in fig.data]
+    assert "A" in names and "B" in names and "anchor A" in names and "e1 (ROME)" in names
+    assert len(fig.layout.annotations) == 1
+    with pytest.raises(ValueError, match="method must be"):
+        fit_map(x, method="tsne")
+
+
+def test_export_writes_files(tmp_path):
+    fig = figures.layer_cosine(_sweep_rows())
+    try:
+        paths = export(fig, tmp_path / "cos")
+    except ExportError as e:  # no browser: the message must say how to fix it
+        assert "apt-get install chromium" in str(e)
+        pytest.skip(str(e))
+    sizes = {p.suffix: p.stat().st_size for p in paths}
+    assert set(sizes) == {".html", ".png", ".pdf", ".svg"} and min(sizes.values()) > 1000
+    assert (tmp_path / "cos.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "cos.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_missing_browser_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(figures, "find_browser", lambda: None)
+    with pytest.raises(ExportError, match="apt-get install chromium"):
+        export(figures.layer_cosine(_sweep_rows()), tmp_path / "x", formats=("html", "png"))
+    assert (tmp_path / "x.html").exists()
