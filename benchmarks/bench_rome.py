@@ -6,6 +6,7 @@ context prompts). Early stopping is off so both run exactly ``v_num_grad_steps``
   subject come from a key/value cache, logits only where a loss reads them)
 - plain: the same objective computed as the ROME / EasyEdit code does (whole model every
   step, logits at every position) -- the baseline.
+- steam: STEAM-ROME (lambda 20, default alignment layers) with the anchor already cached.
 Run: python benchmarks/bench_rome.py [--edits 10]. Last line: median seconds per fast edit.
 """
 
@@ -16,7 +17,8 @@ import time
 
 import torch
 
-from steamviz import rome
+from steamviz import rome, steam
+from steamviz.anchors import AnchorError, build_anchor
 from steamviz.datasets import load_counterfact
 from steamviz.models import load_model
 from steamviz.paths import shared_data_dir
@@ -29,31 +31,50 @@ def peak_mb() -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--edits", type=int, default=10)
+    ap.add_argument("--data", default="default", choices=["default", "counterfact"],
+                    help="default: data/edits.jsonl (their new objects have anchors)")
     args = ap.parse_args()
     torch.manual_seed(0)
     lm = load_model(device="cpu")
+    from steamviz.datasets import load_edits
+
     reqs = load_counterfact(shared_data_dir() / "counterfact_easyedit" / "counterfact-val.json",
-                            limit=args.edits)
+                            limit=args.edits) if args.data == "counterfact" else load_edits(
+                                limit=args.edits)
     hp = rome.ROMEHparams.for_model(lm).replace(early_stop_loss=0.0)
     state = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    rows = {"fast": [], "plain": []}
+    rows = {"fast": [], "plain": [], "steam": []}
     mem0 = peak_mb()
     for i, req in enumerate(reqs):
-        for kind in ("fast", "plain"):
+        try:
+            anchor = build_anchor(lm, req.target_new)  # cached before timing
+        except AnchorError:
+            anchor = None
+        for kind in ("fast", "plain", "steam"):
+            if kind == "steam" and anchor is None:
+                continue
             rome.clear_caches()
             t = time.perf_counter()
             prep = rome.prepare(lm, req, hp, use_cache=False)
-            v = (rome.compute_v if kind == "fast" else rome.compute_v_reference)(lm, prep, hp)
+            if kind == "steam":
+                align = steam.make_align(lm, anchor, 20.0, steam.default_layers(lm, hp.layer))
+                v = rome.compute_v(lm, prep, hp, align=align)
+            else:
+                v = (rome.compute_v if kind == "fast" else rome.compute_v_reference)(lm, prep, hp)
             edit = rome.write_update(lm, prep, v)
             rows[kind].append(time.perf_counter() - t)
             edit.restore()
             if kind == "fast":
                 mem_fast = peak_mb()
-        print(f"edit {i}: fast {rows['fast'][-1]:.2f} s, plain {rows['plain'][-1]:.2f} s "
+        st = f", steam {rows['steam'][-1]:.2f} s" if anchor is not None else ""
+        print(f"edit {i}: fast {rows['fast'][-1]:.2f} s, plain {rows['plain'][-1]:.2f} s{st} "
               f"({v.steps + 1} forward passes, {len(prep.contexts)} context prompts)")
     assert all(torch.equal(state[k], v) for k, v in lm.model.state_dict().items())
     f, p = statistics.median(rows["fast"]), statistics.median(rows["plain"])
     print(f"median seconds per edit: fast {f:.2f}, plain {p:.2f}; speed-up {p / f:.1f}x")
+    if rows["steam"]:
+        s_ = statistics.median(rows["steam"])
+        print(f"STEAM-ROME (anchor cached): median {s_:.2f} s per edit = {s_ / f:.2f}x ROME")
     print(f"peak RSS: {mem0:.0f} MB after loading, {mem_fast:.0f} MB after the first fast edit, "
           f"{peak_mb():.0f} MB overall (the plain path holds full-vocabulary logits)")
     print("median wall seconds per ROME edit:")
