@@ -40,8 +40,10 @@ def main():
     plain(), cap()  # warm-up
     tp, tc = [], []
     for _ in range(7):
-        t = time.perf_counter(); plain(); tp.append(time.perf_counter() - t)
-        t = time.perf_counter(); cap(); tc.append(time.perf_counter() - t)
+        for fn, acc in ((plain, tp), (cap, tc)):
+            t = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t)
     p, c = statistics.median(tp), statistics.median(tc)
     print(f"plain forward (64 prompts, with logits): {p * 1000:.1f} ms")
     print(f"capture all {lm.n_layers + 1} layers x 2 positions: {c * 1000:.1f} ms")

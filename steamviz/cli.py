@@ -81,25 +81,15 @@ def _edit(args) -> int:
     return 0
 
 
-def _load_requests(data: str, n: int | None):
-    from .datasets import load_counterfact, load_edits, load_requests
-    from .paths import shared_data_dir
-
-    if data == "counterfact":
-        return load_counterfact(
-            shared_data_dir() / "counterfact_easyedit" / "counterfact-val.json", limit=n)
-    if data == "default":
-        return load_edits(limit=n)
-    return load_requests(data, limit=n)
-
-
 def _eval(args) -> int:
     from . import evaluation
     from .io import write_bytes, write_text
     from .models import load_model
 
     lm = load_model(args.model, device=args.device)
-    reqs = _load_requests(args.data, args.n)
+    from .datasets import load_named
+
+    reqs = load_named(args.data, args.n)
     params = {}
     if args.lam is not None:
         params["lam"] = args.lam

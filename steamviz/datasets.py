@@ -855,3 +855,16 @@ def load_pararel(
             rel_facts.append(Fact(subject, rel, obj, template))
         facts.extend(_dedup(rel_facts))
     return facts
+
+
+def load_named(data: str, limit: int | None = None) -> list[EditRequest]:
+    """Requests by name: ``"default"`` (the project's edit set), ``"counterfact"`` (the
+    shared CounterFact val set), or a file path (format sniffed)."""
+    from .paths import shared_data_dir
+
+    if data == "default":
+        return load_edits(limit=limit)
+    if data == "counterfact":
+        return load_counterfact(
+            shared_data_dir() / "counterfact_easyedit" / "counterfact-val.json", limit=limit)
+    return load_requests(data, limit=limit)

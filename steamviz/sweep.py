@@ -207,9 +207,9 @@ class Runner:
         self._anchors: dict = {}
 
     def requests(self):
-        from .cli import _load_requests
+        from .datasets import load_named
 
-        reqs = _load_requests(self.cfg.data, self.cfg.offset + self.cfg.n_edits)
+        reqs = load_named(self.cfg.data, self.cfg.offset + self.cfg.n_edits)
         return reqs[self.cfg.offset :]
 
     def bank(self):

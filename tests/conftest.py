@@ -57,7 +57,7 @@ def build_tiny(arch: str, tok, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # randomise norms/biases too, so adapters' mistakes show
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return from_model(model, tok, name=f"tiny-{arch}", prefix_ids=[0])

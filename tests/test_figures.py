@@ -49,8 +49,8 @@ def test_heatmap_and_tradeoff():
 
 
 def test_logit_lens_heatmap():
-    rows = [dict(layer=l, target=t, token=t, prob=p, method="ROME")
-            for l in range(5) for t, p in (("new", 0.1 * l), ("old", 0.5))]
+    rows = [dict(layer=i, target=t, token=t, prob=p, method="ROME")
+            for i in range(5) for t, p in (("new", 0.1 * i), ("old", 0.5))]
     fig = figures.logit_lens(rows)
     assert fig.data[0].z.shape == (2, 5)
 

@@ -57,3 +57,9 @@ def test_import_is_cheap_and_side_effect_free(tmp_path):
                          text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert list(tmp_path.iterdir()) == []  # nothing written to the working directory
+
+
+def test_ruff_is_clean():
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "steamviz", "tests",
+                          "benchmarks"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:]
