@@ -1,0 +1,22 @@
+"""The README's main job (`steamviz demo`) writes its report where it is told."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.model
+
+
+def test_demo_writes_report(tmp_path, lm):
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "steamviz", "demo", "--out", str(out),
+                        "--device", "cpu"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((out / "report.json").read_text())
+    answers = {p["prompt"]: p["answer"] for p in rep["prompts"]}
+    assert answers["The capital of France is"] == " Paris"
+    assert len(rep["prompts"][0]["logit_lens"]) == 31
+    assert (out / "report.md").exists() and (out / "capture.npz").stat().st_size > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # nothing else written
