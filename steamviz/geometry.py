@@ -78,6 +78,7 @@ def fit_map(
     n_neighbors: int = 15,
     min_dist: float = 0.1,
     metric: str = "cosine",
+    n_epochs: int | None = 200,
     use_cache: bool = True,
 ) -> LatentMap:
     """Fit a map on ``x`` ``[n, d]`` (numpy or torch)."""
@@ -89,7 +90,8 @@ def fit_map(
     if x.ndim != 2 or len(x) < max(5, n_components + 2):
         raise ValueError(f"fit_map needs [n >= 5, d] points, got shape {x.shape}")
     settings = dict(method=method, n_components=n_components, pca_dims=pca_dims, center=center,
-                    seed=seed, n_neighbors=n_neighbors, min_dist=min_dist, metric=metric)
+                    seed=seed, n_neighbors=n_neighbors, min_dist=min_dist, metric=metric,
+                    n_epochs=n_epochs)
     h = hashlib.sha256(x.tobytes())
     h.update(repr(sorted(settings.items())).encode())
     path = cache_dir() / "maps" / f"{h.hexdigest()[:20]}.pkl"
@@ -109,7 +111,7 @@ def fit_map(
         umap = import_umap()
         reducer = umap.UMAP(n_components=n_components, n_neighbors=min(n_neighbors, len(x) - 1),
                             min_dist=min_dist, metric=metric, random_state=seed,
-                            transform_seed=seed, n_jobs=1)
+                            transform_seed=seed, n_jobs=1, n_epochs=n_epochs)
         emb = reducer.fit_transform(z)
     else:
         emb = z[:, :n_components]

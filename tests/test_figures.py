@@ -95,3 +95,20 @@ def test_missing_browser_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="apt-get install chromium"):
         export(figures.layer_cosine(_sweep_rows()), tmp_path / "x", formats=("html", "png"))
     assert (tmp_path / "x.html").exists()
+
+
+@pytest.mark.slow
+def test_umap_map_is_seeded_cached_and_places_new_points(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEAMVIZ_CACHE", str(tmp_path))
+    rng = np.random.default_rng(1)
+    x = np.r_[rng.normal(0, 1, (80, 12)) + 4, rng.normal(0, 1, (80, 12)) - 4].astype(np.float32)
+    m = fit_map(x, method="umap", pca_dims=8, n_epochs=50)
+    assert m.embedding.shape == (160, 2)
+    again = fit_map(x, method="umap", pca_dims=8, n_epochs=50)  # from the on-disk cache
+    np.testing.assert_array_equal(again.embedding, m.embedding)
+    assert len(list((tmp_path / "maps").iterdir())) == 1
+    # a point from cluster A lands nearer cluster A's embedding than B's
+    p = m.transform(x[:1] + 0.01)[0]
+    da = np.linalg.norm(m.embedding[:80].mean(0) - p)
+    db = np.linalg.norm(m.embedding[80:].mean(0) - p)
+    assert da < db
