@@ -31,7 +31,7 @@ _LAZY = {
 _SUBMODULES = {
     "arch", "capture", "context", "datasets", "edits", "forward", "metrics", "models",
     "paths", "requests", "rome", "stats", "tokens", "steam", "anchors", "integration",
-    "geometry", "figures", "sweep", "widgets", "editors", "evaluation", "io", "cli",
+    "geometry", "figures", "sweep", "widgets", "editors", "evaluation", "io", "memit", "cli",
 }
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)

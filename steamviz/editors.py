@@ -39,10 +39,7 @@ def edit(lm, request: EditRequest | dict, method: str = "rome", **params) -> Edi
 
 def _load_builtin() -> None:
     _register_builtin()
-    try:
-        from . import steam  # noqa: F401
-    except ImportError:  # pragma: no cover
-        pass
+    from . import memit, steam  # noqa: F401  (they register themselves)
 
 
 def _register_builtin() -> None:
