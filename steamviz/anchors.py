@@ -18,9 +18,7 @@ in the cache dir. :func:`reference_bank` captures many reference facts once, for
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -28,6 +26,7 @@ import torch
 
 from .capture import capture
 from .forward import target_logprobs
+from .io import save_torch
 from .models import cache_dir
 
 
@@ -134,11 +133,7 @@ def build_anchor(
     a = Anchor(obj, phi, used, report, settings)
     if use_cache:
         _ANCHORS[key] = a
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent)
-        os.close(fd)
-        torch.save(a, tmp)
-        os.replace(tmp, path)
+        save_torch(a, path)
     return a
 
 
@@ -185,11 +180,7 @@ def reference_bank(lm, facts=None, limit: int | None = None, seed: int = 0,
     bank = Bank(facts, t)
     if use_cache:
         _BANKS[key] = bank
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent)
-        os.close(fd)
-        torch.save(t, tmp)
-        os.replace(tmp, path)
+        save_torch(t, path)
     return bank
 
 

@@ -39,3 +39,14 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj, indent: int = 1) -> Path:
     return write_text(path, json.dumps(obj, indent=indent, default=str))
+
+
+def save_torch(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path``, atomically."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return write_bytes(path, buf.getvalue())

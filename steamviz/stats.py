@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .arch import mlp_out_module
 from .capture import _Stop, hooks
+from .io import save_torch
 from .models import cache_dir
 from .tokens import pad
 
@@ -141,11 +141,7 @@ def second_moment(
         bar.update(int(keep.sum()))
     bar.close()
     C = acc / max(count, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name)
-    os.close(fd)
-    torch.save(C, tmp)
-    os.replace(tmp, path)
+    save_torch(C, path)
     return C
 
 
