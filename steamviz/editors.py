@@ -5,7 +5,12 @@
 >>> e.restore()
 
 Each method takes the request plus keyword parameters and returns an undoable
-:class:`~steamviz.edits.Edit`. ``register`` adds a method.
+:class:`~steamviz.edits.Edit`. ``register`` adds a method. Batch editors (MEMIT) also take
+many requests at once through :func:`edit_batch`:
+
+>>> e = edit_batch(lm, requests, "memit")                # one Edit for all   # doctest: +SKIP
+
+Built in: ``rome``, ``steam-rome``, ``memit``, ``steam-memit``, ``sake``, ``baft``, ``kne``.
 """
 
 from __future__ import annotations
@@ -16,11 +21,16 @@ from .edits import Edit
 from .requests import EditRequest
 
 METHODS: dict[str, Callable[..., Edit]] = {}
+BATCH_METHODS: dict[str, Callable[..., Edit]] = {}
+BUILTIN_MODULES = ("memit", "steam", "sake", "baft", "kne")
 
 
-def register(name: str):
+def register(name: str, batch: bool = False):
+    """Decorator: register ``fn(lm, request, **params) -> Edit`` under ``name``; with
+    ``batch=True``, ``fn(lm, requests, **params) -> Edit`` for :func:`edit_batch`."""
+
     def deco(fn):
-        METHODS[name.lower()] = fn
+        (BATCH_METHODS if batch else METHODS)[name.lower()] = fn
         return fn
 
     return deco
@@ -37,9 +47,29 @@ def edit(lm, request: EditRequest | dict, method: str = "rome", **params) -> Edi
     return METHODS[key](lm, request, **params)
 
 
+def edit_batch(lm, requests, method: str = "memit", **params) -> Edit:
+    """Edit with many requests at once (batch editors only); one undoable Edit."""
+    requests = [EditRequest.from_dict(r) if isinstance(r, dict) else r for r in requests]
+    key = method.lower()
+    if key not in BATCH_METHODS:
+        _load_builtin()
+    if key not in BATCH_METHODS:
+        raise ValueError(f"{method!r} is not a batch editor; batch editors: "
+                         f"{sorted(BATCH_METHODS)} (edit one request at a time with edit())")
+    return BATCH_METHODS[key](lm, requests, **params)
+
+
 def _load_builtin() -> None:
-    _register_builtin()
-    from . import memit, steam  # noqa: F401  (they register themselves)
+    import importlib
+
+    if "rome" not in METHODS:
+        _register_builtin()
+    for mod in BUILTIN_MODULES:  # they register themselves on import
+        try:
+            importlib.import_module(f"{__package__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{mod}":
+                raise
 
 
 def _register_builtin() -> None:

@@ -65,6 +65,38 @@ class MEMITHparams:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_yaml(cls, path, mom2_corpus: str | None = None) -> "MEMITHparams":
+        """Read an EasyEdit MEMIT hparams YAML (``layers: [13, ..., 17]``,
+        ``mom2_update_weight``...). Module-name templates are ignored (adapters find the
+        modules). ``mom2_adjustment: true`` needs key statistics: pass ``mom2_corpus`` (a
+        folder of .txt files, or ``"model"``); without one the scaled identity is used and a
+        warning says so (EasyEdit's Wikipedia statistics are not available offline)."""
+        import yaml
+
+        d = yaml.safe_load(open(path)) or {}
+        return cls.from_dict(d, source=str(path), mom2_corpus=mom2_corpus)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "hparams", mom2_corpus: str | None = None
+                  ) -> "MEMITHparams":
+        import warnings
+
+        adjust = {}
+        kw = rome.easyedit_kwargs(cls, d, source, "MEMIT", {
+            "layers": lambda v: {"layers": tuple(int(x) for x in v)},
+            "mom2_adjustment": lambda v: adjust.update(on=bool(v)) or {},
+        })
+        if mom2_corpus is not None:
+            kw["mom2_corpus"] = mom2_corpus
+        if adjust.get("on") and not kw.get("mom2_corpus"):
+            warnings.warn(f"{source}: mom2_adjustment is on but no mom2_corpus was given; "
+                          "using the scaled identity for C (pass mom2_corpus=<folder of .txt> "
+                          "or 'model')", stacklevel=2)
+        if adjust.get("on") is False:
+            kw["mom2_corpus"] = None
+        return cls(**kw)
+
+    @classmethod
     def for_model(cls, lm) -> "MEMITHparams":
         L = rome.ROMEHparams.for_model(lm).layer
         return cls(layers=tuple(range(max(0, L - 2), min(lm.n_layers, L + 3))))
@@ -95,6 +127,15 @@ def _z_now(lm, requests, z_layer: int) -> torch.Tensor:
     return cap.tensor[:, 0, 0]
 
 
+_Z_CACHE: dict = {}
+
+
+def clear_caches() -> None:
+    """Forget the target vectors kept for reuse (they depend only on the unedited model,
+    the request and the hyperparameters, so batches of different sizes share them)."""
+    _Z_CACHE.clear()
+
+
 def apply(lm, requests, hparams: MEMITHparams | None = None, lam: float = 0.0,
           align_layers=None, centered: bool = False, method: str | None = None) -> WeightEdit:
     """Edit all ``requests`` at once; returns one undoable :class:`WeightEdit`."""
@@ -120,9 +161,20 @@ def apply(lm, requests, hparams: MEMITHparams | None = None, lam: float = 0.0,
             align_for[obj] = steam.make_align(lm, build_anchor(lm, obj), lam, layers, centered)
     z_init = _z_now(lm, requests, z_layer)
     deltas, losses = [], []
+    clean = not getattr(lm.model, "_steamviz_active_edits", 0)
     for r in requests:
-        prep = rome.prepare(lm, r, rhp)
-        v = rome.compute_v(lm, prep, rhp, align=align_for.get(r.target_new))
+        align = align_for.get(r.target_new)
+        key = (lm.fingerprint, id(lm.model), repr(r.to_rome()), repr(rhp),
+               None if align is None else (align.lam, tuple(align.layers),
+                                           align.center is not None))
+        v = _Z_CACHE.get(key) if clean else None
+        if v is None:
+            prep = rome.prepare(lm, r, rhp)
+            v = rome.compute_v(lm, prep, rhp, align=align)
+            if clean:
+                _Z_CACHE[key] = v
+                while len(_Z_CACHE) > 512:
+                    _Z_CACHE.pop(next(iter(_Z_CACHE)))
         deltas.append(v.delta)
         losses.append(v.losses[-1])
     z = z_init + torch.stack(deltas)  # [n, d]
@@ -178,15 +230,18 @@ def _register() -> None:
                                                    layer + 1)))
         return base
 
-    @register("memit")
-    def _memit(lm, request, hparams=None, layer=None, **kw):
-        return apply(lm, [request], hparams=_hp(lm, hparams, layer), **kw)
+    def _memit(lm, requests, hparams=None, layer=None, **kw):
+        return apply(lm, requests, hparams=_hp(lm, hparams, layer), **kw)
 
-    @register("steam-memit")
-    def _steam_memit(lm, request, lam: float = 20.0, hparams=None, layer=None, layers=None,
+    def _steam_memit(lm, requests, lam: float = 20.0, hparams=None, layer=None, layers=None,
                      **kw):
-        return apply(lm, [request], hparams=_hp(lm, hparams, layer), lam=lam,
+        return apply(lm, requests, hparams=_hp(lm, hparams, layer), lam=lam,
                      align_layers=layers, **kw)
+
+    register("memit", batch=True)(_memit)
+    register("steam-memit", batch=True)(_steam_memit)
+    register("memit")(lambda lm, request, **kw: _memit(lm, [request], **kw))
+    register("steam-memit")(lambda lm, request, **kw: _steam_memit(lm, [request], **kw))
 
 
 _register()

@@ -16,6 +16,8 @@ The cache lives in ``$STEAMVIZ_CACHE`` (default ``~/.cache/steamviz``).
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import importlib.util
 import json
@@ -230,10 +232,11 @@ def load_model(
         path, label = str(name), str(name)
         local_only = not allow_download and not Path(path).exists()
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, local_files_only=local_only
-        )
+        with _quiet_loading():
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, local_files_only=local_only
+            )
     except OSError as e:
         raise FileNotFoundError(
             f"Could not load model {label!r} offline: {e}\n"
@@ -248,6 +251,21 @@ def load_model(
         tok.pad_token = tok.eos_token
     fp = fingerprint_model(model, extra=label)
     return LM(model=model, tok=tok, name=label, fingerprint=fp, prefix_ids=_start_ids(tok, label))
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No "Loading weights" bar for a load of a few seconds (it clutters notebook outputs);
+    transformers' setting is put back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def from_model(model: nn.Module, tok, name: str = "custom", prefix_ids=None) -> LM:

@@ -100,32 +100,70 @@ class ROMEHparams:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "hparams") -> "ROMEHparams":
-        ignored = {
-            "alg_name", "model_name", "stats_dir", "device", "rewrite_module_tmp",
-            "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
-            "lm_head_module", "model_parallel", "fp16", "mom2_dtype", "fact_token",
-            "v_loss_layer", "mom2_dataset", "max_length", "batch_size",
-        }
-        kw = {}
-        names = {f.name for f in dataclasses.fields(cls)}
-        for k, v in d.items():
-            if k == "layers":
-                if not isinstance(v, list) or len(v) != 1:
-                    raise ValueError(f"{source}: ROME edits one layer; 'layers' must be [L], got {v!r}")
-                kw["layer"] = int(v[0])
-            elif k == "mom2_n_samples":
-                kw["mom2_n_tokens"] = int(v)
-            elif k == "context_template_length_params":
-                kw[k] = tuple(tuple(x) for x in v)
-            elif k in names:
-                kw[k] = v
-            elif k in ignored:
-                continue
-            else:
-                raise ValueError(f"{source}: unknown ROME hyperparameter {k!r}; known: {sorted(names)}")
-        if d.get("fact_token", "subject_last") != "subject_last":
-            raise ValueError(f"{source}: only fact_token 'subject_last' is supported")
-        return cls(**kw)
+        def layers(v):
+            if not isinstance(v, list) or len(v) != 1:
+                raise ValueError(f"{source}: ROME edits one layer; 'layers' must be [L], got {v!r}")
+            return {"layer": int(v[0])}
+
+        return cls(**easyedit_kwargs(cls, d, source, "ROME", {"layers": layers}))
+
+
+#: EasyEdit / ROME YAML keys that steamviz does not need (modules are found by adapters)
+EASYEDIT_IGNORED = {
+    "alg_name", "model_name", "stats_dir", "device", "rewrite_module_tmp", "layer_module_tmp",
+    "mlp_module_tmp", "attn_module_tmp", "ln_f_module", "lm_head_module", "model_parallel",
+    "fp16", "mom2_dtype", "fact_token", "v_loss_layer", "mom2_dataset", "max_length",
+    "batch_size", "layer_selection",
+}
+
+
+def easyedit_kwargs(cls, d: dict, source: str, alg: str, special: dict | None = None) -> dict:
+    """Dataclass keyword arguments from an EasyEdit / ROME hparams mapping.
+
+    Numbers are coerced to the field's type (PyYAML reads ``5e-1`` as a string), lists of
+    pairs become tuples, ``mom2_n_samples`` is ``mom2_n_tokens``; keys in ``special`` map
+    through their function. Unknown keys are an error naming the key.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: hparams must be a mapping, got {type(d).__name__}")
+    if d.get("fact_token", "subject_last") != "subject_last":
+        raise ValueError(f"{source}: only fact_token 'subject_last' is supported")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kw: dict = {}
+    for k, v in d.items():
+        if special and k in special:
+            kw.update(special[k](v))
+            continue
+        if k == "mom2_n_samples":
+            k = "mom2_n_tokens"
+        if k in fields:
+            default = fields[k].default
+            try:
+                if isinstance(default, bool):
+                    v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
+                elif isinstance(default, int) and not isinstance(v, bool):
+                    v = int(float(v))
+                elif isinstance(default, float) or (default is None and isinstance(v, str)
+                                                    and _is_number(v)):
+                    v = float(v)
+                elif isinstance(v, list):
+                    v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+            except (TypeError, ValueError):
+                raise ValueError(f"{source}: {alg} hyperparameter {k!r} must be a number, "
+                                 f"got {v!r}") from None
+            kw[k] = v
+        elif k not in EASYEDIT_IGNORED:
+            raise ValueError(f"{source}: unknown {alg} hyperparameter {k!r}; known: "
+                             f"{sorted(set(fields) | set(special or {}))}")
+    return kw
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
 
 
 MODEL_DEFAULTS: dict[str, dict] = {

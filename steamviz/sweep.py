@@ -58,6 +58,8 @@ class SweepConfig:
     bank_size: int | None = None  # reference facts in the kNN / centring bank (None: all)
     seed: int = 0
     hparams: dict = field(default_factory=dict)  # ROME hyperparameter overrides
+    batch_sizes: list = field(default_factory=lambda: [1])  # for batch editors (MEMIT)
+    method_params: dict = field(default_factory=dict)  # {method: {param: value}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SweepConfig":
@@ -103,6 +105,13 @@ class SweepConfig:
             for x in self.align_layers), "align_layers", 'a list of "default" or lists of ints')
         need(isinstance(self.centered, list) and all(isinstance(x, bool) for x in self.centered),
              "centered", "a list of booleans")
+        need(isinstance(self.batch_sizes, list) and self.batch_sizes and all(
+            isinstance(x, int) and x > 0 for x in self.batch_sizes), "batch_sizes",
+            "a non-empty list of positive integers")
+        need(isinstance(self.method_params, dict) and all(
+            str(k).lower() in METHODS and isinstance(v, dict)
+            for k, v in self.method_params.items()), "method_params",
+            f"a mapping of method (one of {sorted(METHODS)}) to a mapping of parameters")
         from .rome import ROMEHparams
 
         ok = {f.name for f in dataclasses.fields(ROMEHparams)}
@@ -113,8 +122,18 @@ class SweepConfig:
         return dataclasses.asdict(self)
 
 
+#: methods with an edited-layer axis, an alignment-strength axis, a batch-size axis
+LAYER_METHODS = {"rome", "steam-rome", "memit", "steam-memit"}
+LAMBDA_METHODS = {"steam-rome", "steam-memit"}
+BATCH_METHODS = {"memit", "steam-memit"}
+
+
 def grid(cfg: SweepConfig, default_layer: int) -> list[dict]:
-    """The grid points (without requests)."""
+    """The grid points (without requests).
+
+    Each point holds ``method, layer, lam, align_layers, centered``; points of batch
+    editors also hold ``batch`` (the number of requests edited at once).
+    """
     pts = []
     layers = cfg.edit_layers or [default_layer]
     if cfg.include_unedited:
@@ -122,16 +141,33 @@ def grid(cfg: SweepConfig, default_layer: int) -> list[dict]:
                         centered=None))
     for m in cfg.methods:
         m = m.lower()
-        for L in layers:
-            if m == "steam-rome":
-                for lam in cfg.lams:
-                    for al in cfg.align_layers:
-                        for c in cfg.centered:
-                            pts.append(dict(method=m, layer=L, lam=float(lam), align_layers=al,
-                                            centered=c))
-            else:
-                pts.append(dict(method=m, layer=L, lam=None, align_layers=None, centered=None))
+        batches = cfg.batch_sizes if m in BATCH_METHODS else [None]
+        for b in batches:
+            for L in layers if m in LAYER_METHODS else [None]:
+                if m in LAMBDA_METHODS:
+                    axes = [(float(lam), al, c) for lam in cfg.lams for al in cfg.align_layers
+                            for c in cfg.centered]
+                else:
+                    axes = [(None, None, None)]
+                for lam, al, c in axes:
+                    pt = dict(method=m, layer=L, lam=lam, align_layers=al, centered=c)
+                    if b is not None:
+                        pt["batch"] = int(b)
+                    pts.append(pt)
     return pts
+
+
+def units(requests: list, points: list[dict]) -> list[tuple[list, dict]]:
+    """Work units: ``(requests edited together, point)``. Batch points chunk the request
+    list into consecutive batches of ``point["batch"]``; every other point is one request."""
+    out = []
+    for p in points:
+        b = p.get("batch")
+        if b is None:
+            out += [([r], p) for r in requests]
+        else:
+            out += [(requests[i : i + b], p) for i in range(0, len(requests), b)]
+    return out
 
 
 def point_key(fingerprint: str, request: dict, point: dict, hparams: dict, seed: int,
@@ -242,10 +278,15 @@ class Runner:
         L = point["layer"] if point.get("layer") is not None else self.hp.layer
         return default_layers(self.lm, L) if al == "default" else list(al)
 
-    def keys(self, req, point) -> str:
+    def keys(self, req, point, batch: list | None = None) -> str:
         extra = dict(gen=self.cfg.generation, tokens=self.cfg.max_new_tokens, k=self.cfg.knn_k)
         if self.cfg.bank_size is not None:
             extra["bank"] = self.cfg.bank_size
+        if point.get("batch") is not None:  # a batch edit's row depends on its co-edits
+            extra["batch_members"] = [r.case_id for r in batch or [req]]
+        params = self.cfg.method_params.get(point["method"]) or {}
+        if params:
+            extra["method_params"] = params
         return point_key(self.lm.fingerprint, req.to_dict(), point,
                          self.hp.replace(layer=point["layer"] or self.hp.layer).to_dict(),
                          self.cfg.seed, extra)
@@ -268,63 +309,103 @@ class Runner:
             row["anchor_facts"] = anchor.n
         return row
 
+    def edit_kwargs(self, point) -> dict:
+        """Keyword arguments of :func:`steamviz.editors.edit` for a grid point."""
+        m = point["method"]
+        kw = dict(self.cfg.method_params.get(m) or {})
+        if m in LAYER_METHODS:
+            kw.update(layer=point["layer"], hparams=self.hp)
+        if m in LAMBDA_METHODS:
+            kw.update(lam=point["lam"], layers=self.align_layers(point),
+                      centered=point["centered"])
+        return kw
+
     def run_point(self, req, point) -> dict:
-        from .editors import edit
+        """Edit with one request, measure it, undo; one row."""
+        return self.run_unit([req], point)[0]
+
+    def run_unit(self, reqs: list, point) -> list[dict]:
+        """Edit with ``reqs`` at once (one request unless the point is a batch point),
+        measure every request while the edit is in place, undo; one row per request."""
+        from .editors import edit, edit_batch
 
         t0 = time.perf_counter()
-        info = {}
+        info: dict = {}
         if point["method"] == "unedited":
-            row = self.measure(req, point, None)
+            rows = [self.measure(r, point, None) for r in reqs]
         else:
-            kw = dict(layer=point["layer"], hparams=self.hp)
-            if point["method"] == "steam-rome":
-                kw.update(lam=point["lam"], layers=self.align_layers(point),
-                          centered=point["centered"])
+            kw = self.edit_kwargs(point)
             t = time.perf_counter()
-            with edit(self.lm, req, point["method"], **kw) as e:
-                info = dict(edit_seconds=time.perf_counter() - t, steps=e.info.get("steps"),
-                            final_nll=(e.info.get("losses") or [{}])[-1].get("nll"))
-                row = self.measure(req, point, e.info)
-        row.update(info)
-        row.update({k: (json.dumps(v) if isinstance(v, list) else v) for k, v in point.items()})
-        row["relation_id"] = req.relation_id
-        row["seconds"] = time.perf_counter() - t0
-        return {k: _jsonable(v) for k, v in row.items()}
+            ctx = (edit_batch(self.lm, reqs, point["method"], **kw) if point.get("batch")
+                   else edit(self.lm, reqs[0], point["method"], **kw))
+            with ctx as e:
+                losses = e.info.get("losses") or [{}]
+                info = dict(edit_seconds=(time.perf_counter() - t) / len(reqs),
+                            steps=e.info.get("steps"),
+                            final_nll=losses[-1].get("nll") if isinstance(losses[-1], dict)
+                            else None)
+                rows = [self.measure(r, point, e.info) for r in reqs]
+        secs = (time.perf_counter() - t0) / len(reqs)
+        out = []
+        for req, row in zip(reqs, rows):
+            row.update(info)
+            row.update({k: (json.dumps(v) if isinstance(v, list) else v)
+                        for k, v in point.items()})
+            row["relation_id"] = req.relation_id
+            row["seconds"] = secs
+            out.append({k: _jsonable(v) for k, v in row.items()})
+        return out
 
 
 def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
-              log=print) -> pd.DataFrame:
-    """Run every (request, grid point) not yet in ``run_dir``'s store; return all rows."""
+              log=print, executor: str = "local", **executor_options) -> pd.DataFrame:
+    """Run every (request, grid point) not yet in ``run_dir``'s store; return all rows.
+
+    ``executor``: ``"local"`` (this process) or ``"ray"`` (a Ray cluster; ``executor_options``
+    such as ``address``, ``workers`` go to :class:`steamviz.executors.RayExecutor`)."""
     from tqdm.auto import tqdm
 
+    from .executors import make_executor
+
     cfg.validate()
+    ex = make_executor(executor, cfg, lm=lm, log=log, **executor_options)  # fails before any work
     run_dir = Path(run_dir)
     store = Store(run_dir)
     import yaml
 
     write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_json(run_dir / "versions.json", _versions())
-    runner = Runner(cfg, lm)
-    reqs = runner.requests()
-    pts = grid(cfg, runner.hp.layer)
-    todo = [(r, p) for r in reqs for p in pts]
-    keyed = [(runner.keys(r, p), r, p) for r, p in todo]
-    left = [(k, r, p) for k, r, p in keyed if not store.has(k)]
-    if len(left) < len(keyed):
-        log(f"[steamviz] resuming: {len(keyed) - len(left)} of {len(keyed)} points done")
-    bar = tqdm(left, desc="sweep", disable=not progress, unit="pt")
-    for key, req, point in bar:
-        row = runner.run_point(req, point)
-        row["case_id"] = req.case_id
-        store.put(key, row)
-        lam = "" if point["lam"] is None else f" lam={point['lam']:g}"
-        log(f"[point] {req.case_id} {point['method']}{lam} L={point['layer']}: "
-            f"eff={row.get('efficacy')} para={row.get('paraphrase')} "
-            f"nbhd={row.get('neighborhood')} cos_c={_fmt(row.get('cos_centered'))} "
-            f"knn={_fmt(row.get('knn_share'))} ({row['seconds']:.1f} s)")
-    keys = {k for k, _, _ in keyed}
+    try:
+        work = ex.plan()  # [(keys, requests edited together, point)]
+        left = [w for w in work if not all(store.has(k) for k in w[0])]
+        n_all, n_left = sum(len(w[0]) for w in work), sum(len(w[0]) for w in left)
+        if n_left < n_all:
+            log(f"[steamviz] resuming: {n_all - n_left} of {n_all} points done")
+        bar = tqdm(total=n_left, desc="sweep", disable=not progress, unit="edit")
+
+        def done(keys, batch, point, rows):  # only this process writes the store
+            for key, req, row in zip(keys, batch, rows):
+                row["case_id"] = req.case_id
+                store.put(key, row)
+                _log_row(log, req, point, row)
+            bar.update(len(rows))
+
+        ex.run(left, done)
+        bar.close()
+    finally:
+        ex.close()
+    keys = {k for w in work for k in w[0]}
     df = store.frame()
     return df[df.key.isin(keys)].reset_index(drop=True) if len(df) else df
+
+
+def _log_row(log, req, point, row) -> None:
+    lam = "" if point["lam"] is None else f" lam={point['lam']:g}"
+    b = f" batch={point['batch']}" if point.get("batch") else ""
+    log(f"[point] {req.case_id} {point['method']}{lam}{b} L={point['layer']}: "
+        f"eff={row.get('efficacy')} para={row.get('paraphrase')} "
+        f"nbhd={row.get('neighborhood')} cos_c={_fmt(row.get('cos_centered'))} "
+        f"knn={_fmt(row.get('knn_share'))} ({row['seconds']:.1f} s)")
 
 
 def _fmt(x) -> str:
@@ -332,12 +413,14 @@ def _fmt(x) -> str:
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean metrics per grid point (method, lambda, layer, alignment set, centring)."""
+    """Mean metrics per grid point (method, lambda, layer, alignment set, centring, batch)."""
     cols = [c for c in ["efficacy", "paraphrase", "neighborhood", "portability", "fluency",
                         "consistency", "cos_raw", "cos_centered", "knn_share", "axis",
                         "edit_seconds"] if c in df.columns]
     by = ["method", "lam", "layer", "align_layers", "centered"]
     d = df.copy()
+    if "batch" in d.columns:
+        by.append("batch")
     for b in by:
         d[b] = d[b].astype(str)
     return d.groupby(by, sort=False, dropna=False)[cols].mean().round(3).reset_index()

@@ -107,8 +107,31 @@ def test_umap_map_is_seeded_cached_and_places_new_points(tmp_path, monkeypatch):
     again = fit_map(x, method="umap", pca_dims=8, n_epochs=50)  # from the on-disk cache
     np.testing.assert_array_equal(again.embedding, m.embedding)
     assert len(list((tmp_path / "maps").iterdir())) == 1
+    refit = fit_map(x, method="umap", pca_dims=8, n_epochs=50, use_cache=False)  # seeded
+    np.testing.assert_allclose(refit.embedding, m.embedding, atol=1e-5)
+    # fitted points placed again land where the fit put them (exact neighbour search)
+    spread = np.linalg.norm(m.embedding - m.embedding.mean(0), axis=1).mean()
+    assert np.linalg.norm(m.transform(x[:20]) - m.embedding[:20], axis=1).mean() < 0.2 * spread
     # a point from cluster A lands nearer cluster A's embedding than B's
     p = m.transform(x[:1] + 0.01)[0]
     da = np.linalg.norm(m.embedding[:80].mean(0) - p)
     db = np.linalg.norm(m.embedding[80:].mean(0) - p)
     assert da < db
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_exact_index_matches_brute_force(metric):
+    from scipy.spatial.distance import cdist
+
+    from steamviz.geometry import ExactIndex
+
+    rng = np.random.default_rng(2)
+    data, q = rng.normal(size=(300, 16)), rng.normal(size=(40, 16))
+    ind, dist = ExactIndex(data, metric).query(q, k=7, block=16)
+    d = cdist(q, data, metric=metric)
+    want = np.argsort(d, axis=1)[:, :7]
+    np.testing.assert_array_equal(ind, want)
+    np.testing.assert_allclose(dist, np.take_along_axis(d, want, 1), atol=1e-4)
+    assert ind.dtype == np.int32 and dist.dtype == np.float32
+    with pytest.raises(ValueError, match="'cosine' or 'euclidean'"):
+        ExactIndex(data, "manhattan")

@@ -48,3 +48,49 @@ def test_bad_layers_are_refused(lm):
     with pytest.raises(ValueError, match="out of range"):
         memit.apply(lm, [EditRequest(prompt="{} is in", subject="Paris", target_new="Rome")],
                     MEMITHparams(layers=(29, 30)))
+
+
+EASYEDIT_MEMIT = """alg_name: "MEMIT"
+model_name: "./hugging_cache/gpt2-xl"
+stats_dir: "./data/stats"
+device: 0
+layers: [13, 14, 15, 16, 17]
+clamp_norm_factor: 0.75
+layer_selection: "all"
+fact_token: "subject_last"
+v_num_grad_steps: 20
+v_lr: 5e-1
+v_loss_layer: 47
+v_weight_decay: 0.5
+kl_factor: 0.0625
+mom2_adjustment: true
+mom2_update_weight: 20000
+rewrite_module_tmp: "transformer.h.{}.mlp.c_proj"
+layer_module_tmp: "transformer.h.{}"
+mlp_module_tmp: "transformer.h.{}.mlp"
+attn_module_tmp: "transformer.h.{}.attn"
+ln_f_module: "transformer.ln_f"
+lm_head_module: "transformer.wte"
+mom2_dataset: "wikipedia"
+mom2_n_samples: 100000
+mom2_dtype: "float32"
+model_parallel: false
+"""
+
+
+def test_hparams_from_easyedit_memit_yaml(tmp_path):
+    y = tmp_path / "gpt2-xl.yaml"
+    y.write_text(EASYEDIT_MEMIT)
+    with pytest.warns(UserWarning, match="no mom2_corpus"):
+        hp = MEMITHparams.from_yaml(y)
+    assert hp.layers == (13, 14, 15, 16, 17) and hp.v_lr == 0.5 and isinstance(hp.v_lr, float)
+    assert hp.mom2_update_weight == 20000.0 and hp.v_num_grad_steps == 20
+    assert hp.clamp_norm_factor == 0.75 and hp.mom2_n_tokens == 100000
+    hp = MEMITHparams.from_yaml(y, mom2_corpus="model")
+    assert hp.mom2_corpus == "model"
+    y.write_text(EASYEDIT_MEMIT + "v_lrr: 1\n")
+    with pytest.raises(ValueError, match="unknown MEMIT hyperparameter 'v_lrr'"):
+        MEMITHparams.from_yaml(y)
+    y.write_text(EASYEDIT_MEMIT.replace("v_lr: 5e-1", "v_lr: fast"))
+    with pytest.raises(ValueError, match="'v_lr' must be a number"):
+        MEMITHparams.from_yaml(y)

@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from steamviz.sweep import ConfigError, Store, SweepConfig, grid
+from steamviz.sweep import ConfigError, Store, SweepConfig, grid, run_sweep, units
 
 SMALL = dict(data="default", n_edits=2, methods=["rome", "steam-rome"], lams=[50.0],
              generation=False, bank_size=100,
@@ -36,6 +36,37 @@ def test_grid_points():
     assert sum(p["method"] == "rome" for p in pts) == 2
     assert {(p["layer"], p["lam"]) for p in pts if p["method"] == "steam-rome"} == {
         (4, 5.0), (4, 20.0), (6, 5.0), (6, 20.0)}
+
+
+def test_batch_axis_only_for_batch_editors_and_units_chunk_requests():
+    cfg = SweepConfig.from_dict(dict(SMALL, methods=["rome", "memit", "steam-memit"],
+                                     batch_sizes=[1, 3], lams=[20.0], include_unedited=False))
+    pts = grid(cfg, default_layer=5)
+    assert [p.get("batch") for p in pts if p["method"] == "rome"] == [None]
+    assert sorted(p["batch"] for p in pts if p["method"] == "memit") == [1, 3]
+    assert {(p["batch"], p["lam"]) for p in pts if p["method"] == "steam-memit"} == {
+        (1, 20.0), (3, 20.0)}
+    us = units(list("abcdefg"), [dict(method="memit", batch=3), dict(method="rome")])
+    assert [u[0] for u in us[:3]] == [list("abc"), list("def"), ["g"]]
+    assert [u[0] for u in us[3:]] == [[x] for x in "abcdefg"]
+    with pytest.raises(ConfigError, match="'batch_sizes'"):
+        SweepConfig.from_dict(dict(SMALL, batch_sizes=[0]))
+    with pytest.raises(ConfigError, match="'method_params'"):
+        SweepConfig.from_dict(dict(SMALL, method_params={"romee": {}}))
+
+
+@pytest.mark.model
+def test_batch_sweep_edits_each_batch_once(tmp_path, lm):
+    cfg = SweepConfig.from_dict(dict(SMALL, n_edits=2, methods=["memit"], batch_sizes=[2],
+                                     include_unedited=False, hparams=dict(
+                                         context_template_length_params=[[5, 2]],
+                                         v_num_grad_steps=15)))
+    log = []
+    df = run_sweep(cfg, tmp_path / "run", lm=lm, progress=False, log=log.append)
+    assert len(df) == 2 and set(df.batch) == {2} and df.edit_seconds.nunique() == 1
+    assert df.efficacy.mean() > 0.4
+    again = run_sweep(cfg, tmp_path / "run", lm=lm, progress=False, log=log.append)
+    assert "resuming: 2 of 2" in log[-1] and len(again) == 2
 
 
 def test_cli_refuses_bad_config_before_work(tmp_path):
