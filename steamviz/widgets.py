@@ -46,10 +46,10 @@ class SweepExplorer:
         steam = self.df[self.df.method == "steam-rome"]
         values = sorted({float(v) for v in steam[axis].dropna()}) or [0.0]
         if axis == "lam":
-            self.lam = W.SelectionSlider(options=values, value=values[0], description="λ",
+            self.slider = W.SelectionSlider(options=values, value=values[0], description="λ",
                                          continuous_update=True)
         else:
-            self.lam = W.SelectionSlider(options=[int(v) for v in values], value=int(values[0]),
+            self.slider = W.SelectionSlider(options=[int(v) for v in values], value=int(values[0]),
                                          description="edit layer", continuous_update=True)
         sets = sorted({str(v) for v in steam.get("align_layers", pd.Series(dtype=str)).dropna()})
         self.layer_set = W.Dropdown(options=sets or ["default"], description="align layers")
@@ -60,17 +60,22 @@ class SweepExplorer:
         self.status = W.HTML()
         self.cos_fig = go.FigureWidget(self._cos_figure())
         self.metrics_fig = go.FigureWidget(self._metric_figure())
-        self.lam.observe(lambda ch: self.update(), names="value")
+        self.slider.observe(lambda ch: self.update(), names="value")
         self.layer_set.observe(lambda ch: self.update(), names="value")
         self.run_button.on_click(lambda b: self.run_point(self.new_value.value))
-        controls = W.HBox([self.lam, self.layer_set])
+        controls = W.HBox([self.slider, self.layer_set])
         runrow = W.HBox([self.new_value, self.run_button, self.status])
         self.widget = W.VBox([controls, self.cos_fig, self.metrics_fig, runrow])
+
+    @property
+    def lam(self):
+        """The axis slider (named for the lambda axis; also the layer slider)."""
+        return self.slider
 
     # --- data ---------------------------------------------------------------------
     def _selected(self) -> pd.DataFrame:
         d = self.df[self.df.method == "steam-rome"]
-        d = d[np.isclose(d[self.axis].astype(float), float(self.lam.value))]
+        d = d[np.isclose(d[self.axis].astype(float), float(self.slider.value))]
         if "align_layers" in d and self.layer_set.value in set(d.align_layers.astype(str)):
             d = d[d.align_layers.astype(str) == self.layer_set.value]
         return d
@@ -78,7 +83,7 @@ class SweepExplorer:
     def _baseline(self, method: str) -> pd.DataFrame:
         d = self.df[self.df.method == method]
         if self.axis == "layer" and method == "rome":
-            d = d[np.isclose(d.layer.astype(float), float(self.lam.value))]
+            d = d[np.isclose(d.layer.astype(float), float(self.slider.value))]
         return d
 
     def _cos_figure(self) -> go.Figure:
@@ -134,9 +139,9 @@ class SweepExplorer:
             rows.append(row)
         new = pd.DataFrame(rows)
         self.df = pd.concat([self.df, new], ignore_index=True)
-        opts = sorted(set(self.lam.options) | {type(self.lam.options[0])(value)})
-        self.lam.options = opts
-        self.lam.value = type(opts[0])(value)
+        opts = sorted(set(self.slider.options) | {type(self.slider.options[0])(value)})
+        self.slider.options = opts
+        self.slider.value = type(opts[0])(value)
         self.update()
         self.status.value = f"added {len(new)} rows at {self.axis}={value:g}"
         return new

@@ -23,10 +23,10 @@ def _rows():
 
 def test_slider_changes_the_figures():
     p = SweepExplorer(_rows())
-    assert list(p.lam.options) == [20.0, 50.0]
+    assert list(p.slider.options) == [20.0, 50.0]
     y20 = np.array(p.cos_fig.data[2].y)
     assert np.allclose(y20, 0.55)
-    p.lam.value = 50.0  # what moving the slider does
+    p.slider.value = 50.0  # what moving the slider does
     assert np.allclose(np.array(p.cos_fig.data[2].y), 0.60)
     para = list(p.metrics_fig.data[1].x).index("paraphrase")
     assert p.metrics_fig.data[1].y[para] == 0.6
@@ -53,6 +53,6 @@ def test_run_button_adds_a_point():
     assert not p.run_button.disabled
     p.new_value.value = 100.0
     p.run_button.click()
-    assert 100.0 in p.lam.options and p.lam.value == 100.0
+    assert 100.0 in p.slider.options and p.slider.value == 100.0
     assert np.allclose(np.array(p.cos_fig.data[2].y), 0.9)
     assert len(p.df) == len(_rows()) + 2 and "100" in p.status.value
