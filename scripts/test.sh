@@ -8,4 +8,4 @@ cd "$ROOT"
 STEAMVIZ_RUNS="$(mktemp -d)"
 export STEAMVIZ_RUNS
 trap 'rm -rf "$STEAMVIZ_RUNS"' EXIT
-python -m pytest -q -ra tests notebooks --nbmake --nbmake-timeout=1200 "$@"
+python -m pytest -q -ra --durations=12 tests notebooks --nbmake --nbmake-timeout=1200 "$@"

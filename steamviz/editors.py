@@ -65,11 +65,7 @@ def _load_builtin() -> None:
     if "rome" not in METHODS:
         _register_builtin()
     for mod in BUILTIN_MODULES:  # they register themselves on import
-        try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{mod}":
-                raise
+        importlib.import_module(f"{__package__}.{mod}")
 
 
 def _register_builtin() -> None:

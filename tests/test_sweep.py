@@ -116,3 +116,11 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(tmp_path, lm):
             va, vb = a[k].get(col), b[k].get(col)
             assert (va is None and vb is None) or abs(va - vb) < 1e-6, (k, col, va, vb)
     assert json.loads((killed / "versions.json").read_text())["torch"]
+
+
+def test_every_builtin_editor_is_registered():
+    from steamviz.editors import BATCH_METHODS, METHODS, _load_builtin
+
+    _load_builtin()
+    assert {"rome", "steam-rome", "memit", "steam-memit", "sake", "baft", "kne"} <= set(METHODS)
+    assert {"memit", "steam-memit"} == set(BATCH_METHODS)
