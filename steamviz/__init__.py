@@ -32,6 +32,7 @@ _SUBMODULES = {
     "arch", "capture", "context", "datasets", "edits", "forward", "metrics", "models",
     "paths", "requests", "rome", "stats", "tokens", "steam", "anchors", "integration",
     "geometry", "figures", "sweep", "widgets", "editors", "evaluation", "io", "memit", "cli",
+    "executors", "sake", "baft", "kne",
 }
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
