@@ -78,6 +78,7 @@ def test_tiny_models_train_apply_and_restore_exactly(tiny):
     req = EditRequest(prompt="The capital of {} is", subject="France", target_new="Rome")
     prompts = [req.rewrite_prompt, "A cat sat on the"]
     state = _state(tiny.model)
+    hooks0 = _hooks(tiny.model)  # transformers may keep hooks of its own installed
     before = next_token_logits(tiny, prompts)
     hp = BaFTHparams(layers=(1, 2), rank=2, steps=4, lr=1e-2, n_distractors=1,
                      loc_prompts=("Water is",), **FAST)
@@ -90,13 +91,19 @@ def test_tiny_models_train_apply_and_restore_exactly(tiny):
     e.restore()
     assert torch.equal(next_token_logits(tiny, prompts), before)
     assert _same(tiny.model, state)
-    assert all(not m._forward_hooks for m in tiny.model.modules())
+    assert _hooks(tiny.model) == hooks0  # every hook of the edit is gone
+
+
+def _hooks(model):
+    return {(n, k) for n, m in model.named_modules()
+            for k in (*m._forward_hooks, *m._forward_pre_hooks)}
 
 
 @pytest.mark.model
 def test_edit_lands_locally_and_undoes_exactly(lm):
     state = _state(lm.model)
     flags = [p.requires_grad for p in lm.model.parameters()]
+    hooks0 = _hooks(lm.model)
     probe = [REQ.rewrite_prompt] + UNRELATED
     before = next_token_logits(lm, probe)
     p0 = target_logprobs(lm, [REQ.rewrite_prompt], [REQ.target_new])[0]["prob"]
@@ -117,7 +124,7 @@ def test_edit_lands_locally_and_undoes_exactly(lm):
     assert [p.requires_grad for p in lm.model.parameters()] == flags
     e.restore()
     assert not e.active and _same(lm.model, state)
-    assert all(not m._forward_hooks for m in lm.model.modules())
+    assert _hooks(lm.model) == hooks0
     assert torch.equal(next_token_logits(lm, probe), before)
     e.restore()  # idempotent
 
