@@ -213,7 +213,8 @@ def test_context_manager_restores_on_exception(lm, france):
             assert _n_hooks(lm.model) == base["n_hooks"] + 4
             raise RuntimeError("boom")
     assert not e.active and _n_hooks(lm.model) == base["n_hooks"]
-    assert torch.equal(next_token_logits(lm, IN_SCOPE), base["logits"][: len(IN_SCOPE)])
+    # the same batch as the reference (a batch of another shape may round differently)
+    assert torch.equal(next_token_logits(lm, IN_SCOPE + OUT_OF_SCOPE), base["logits"])
 
 
 @pytest.mark.model
