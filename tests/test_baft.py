@@ -82,8 +82,11 @@ def test_tiny_models_train_apply_and_restore_exactly(tiny):
     before = next_token_logits(tiny, prompts)
     hp = BaFTHparams(layers=(1, 2), rank=2, steps=4, lr=1e-2, n_distractors=1,
                      loc_prompts=("Water is",), **FAST)
+    rng = torch.random.get_rng_state()
     e = baft.apply(tiny, req, hp)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the caller's RNG is left alone
     assert e.info["steps"] >= 1 and len(e.info["losses"]) == e.info["steps"] + 1
+    assert len(e.info["loc_kl"]) == len(e.info["loc_prompts"]) == 2
     assert _same(tiny.model, state)  # weights untouched while the edit is on
     during = next_token_logits(tiny, prompts)
     assert not torch.equal(during, before)
@@ -92,6 +95,10 @@ def test_tiny_models_train_apply_and_restore_exactly(tiny):
     assert torch.equal(next_token_logits(tiny, prompts), before)
     assert _same(tiny.model, state)
     assert _hooks(tiny.model) == hooks0  # every hook of the edit is gone
+    with baft.apply(tiny, req, hp) as again:  # seeded: the same training again
+        assert again.info["losses"] == e.info["losses"]
+        assert torch.equal(next_token_logits(tiny, prompts), during)
+    assert torch.equal(next_token_logits(tiny, prompts), before)
 
 
 def _hooks(model):
