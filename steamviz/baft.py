@@ -470,8 +470,6 @@ class BaFTEdit(Edit):
 
 def apply(lm, request: EditRequest | dict, hparams: BaFTHparams | None = None) -> BaFTEdit:
     """Train a BaFT intervention for ``request`` and install it; returns the undoable edit."""
-    from .rome import _track
-
     if isinstance(request, dict):
         request = EditRequest.from_dict(request)
     hp = hparams or BaFTHparams.for_model(lm)
@@ -486,12 +484,8 @@ def apply(lm, request: EditRequest | dict, hparams: BaFTHparams | None = None) -
         seconds_prepare=prep.seconds, seconds_opt=secs,
     )
     edit = BaFTEdit(lm.model, ivs, info)
-    _track(lm.model, edit)  # ROME's caches are filled only while no edit is active
-    try:
+    with edit.undo_on_error():
         edit.install(lm)
-    except BaseException:
-        edit.restore()
-        raise
     edit.info["seconds"] = time.perf_counter() - t0
     return edit
 

@@ -14,26 +14,50 @@ of the same model (:func:`load_edit` then :meth:`WeightDelta.apply`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 
+def active_edits(model: nn.Module) -> int:
+    """How many edits are in place on ``model`` now (caches of the unedited model, such as
+    ROME's preparation and MEMIT's target vectors, are filled only while this is 0)."""
+    return getattr(model, "_steamviz_active_edits", 0)
+
+
 class Edit:
-    """A change applied to a model, with what is needed to undo it exactly."""
+    """A change applied to a model, with what is needed to undo it exactly.
+
+    An edit counts as active on its model from construction until :meth:`restore`
+    (:func:`active_edits`), whatever it changes: weights, hooks, or both.
+    """
 
     def __init__(self, model: nn.Module, method: str, info: dict | None = None):
         self.model = model
         self.method = method
         self.info: dict[str, Any] = dict(info or {})
-        self._undo: list[Callable[[], None]] = []
+        self._undo: list[Callable[[], None]] = [self._untrack]  # undone last
         self.active = True
+        model._steamviz_active_edits = active_edits(model) + 1
+
+    def _untrack(self) -> None:
+        self.model._steamviz_active_edits = active_edits(self.model) - 1
+
+    @contextlib.contextmanager
+    def undo_on_error(self) -> Iterator["Edit"]:
+        """Apply the edit's changes inside this block: any exception restores what was
+        already applied before it propagates, so nothing is left half-applied."""
+        try:
+            yield self
+        except BaseException:
+            self.restore()
+            raise
 
     # -- undo ---------------------------------------------------------------------
     def on_restore(self, fn: Callable[[], None]) -> None:
@@ -120,20 +144,13 @@ class WeightDelta:
     info: dict = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from .io import write_bytes
+
         meta = {"method": self.method, "info": json.dumps(self.info)}
-        fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in self.deltas.items()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        blob = save({k: v.contiguous() for k, v in self.deltas.items()}, metadata=meta)
+        return write_bytes(path, blob)
 
     def apply(self, model: nn.Module) -> WeightEdit:
         """Apply to ``model`` (shapes are checked first: nothing is half-applied)."""
@@ -144,12 +161,9 @@ class WeightDelta:
             if params[k].shape != v.shape:
                 raise ValueError(f"{k}: delta shape {tuple(v.shape)} != {tuple(params[k].shape)}")
         edit = WeightEdit(model, self.method, self.info)
-        try:
+        with edit.undo_on_error():
             for k, v in self.deltas.items():
                 edit.add_delta(k, v)
-        except BaseException:
-            edit.restore()
-            raise
         return edit
 
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .io import write_bytes
 from .models import cache_dir
 
 
@@ -196,9 +196,5 @@ def fit_map(
         emb = z[:, :n_components]
     m = LatentMap(method, n_components, pca, reducer, mu, np.asarray(emb), settings)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(m, f)
-        os.replace(tmp, path)
+        write_bytes(path, pickle.dumps(m))
     return m

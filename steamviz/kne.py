@@ -467,8 +467,6 @@ def apply(lm, request: EditRequest | dict, hparams: KNEHparams | None = None,
     ``n_entries`` (all attributed entries), ``per_layer`` (``layer, entries, fraction,
     neurons``), ``losses``, ``steps``, ``seconds_attr``, ``seconds_opt``, ``seconds``.
     """
-    from .rome import _track
-
     if isinstance(request, dict):
         request = EditRequest.from_dict(request)
     hp = hparams or KNEHparams.for_model(lm)
@@ -511,13 +509,9 @@ def apply(lm, request: EditRequest | dict, hparams: KNEHparams | None = None,
         losses=losses, steps=steps, seconds_attr=t_attr, seconds_opt=t_opt,
     )
     edit = KNEEdit(lm.model, method, info)
-    _track(lm.model, edit)
-    try:
+    with edit.undo_on_error():
         for n in flat_idx:
             edit.set_entries(n, flat_idx[n], values[n])
-    except BaseException:
-        edit.restore()
-        raise
     edit.info["seconds"] = time.perf_counter() - t0
     return edit
 

@@ -32,7 +32,7 @@ import torch
 from . import rome
 from .capture import capture
 from .context import context_templates
-from .edits import WeightEdit
+from .edits import WeightEdit, active_edits
 from .requests import EditRequest
 
 
@@ -81,19 +81,18 @@ class MEMITHparams:
                   ) -> "MEMITHparams":
         import warnings
 
-        adjust = {}
+        d = dict(d) if isinstance(d, dict) else d  # easyedit_kwargs names a non-mapping
+        adjust = d.pop("mom2_adjustment", None) if isinstance(d, dict) else None
         kw = rome.easyedit_kwargs(cls, d, source, "MEMIT", {
-            "layers": lambda v: {"layers": tuple(int(x) for x in v)},
-            "mom2_adjustment": lambda v: adjust.update(on=bool(v)) or {},
-        })
-        if mom2_corpus is not None:
+            "layers": lambda v: {"layers": tuple(int(x) for x in v)}})
+        if mom2_corpus is not None:  # an explicit corpus wins
             kw["mom2_corpus"] = mom2_corpus
-        if adjust.get("on") and not kw.get("mom2_corpus"):
+        elif adjust is False:
+            kw["mom2_corpus"] = None
+        if adjust and not kw.get("mom2_corpus"):
             warnings.warn(f"{source}: mom2_adjustment is on but no mom2_corpus was given; "
                           "using the scaled identity for C (pass mom2_corpus=<folder of .txt> "
                           "or 'model')", stacklevel=2)
-        if adjust.get("on") is False:
-            kw["mom2_corpus"] = None
         return cls(**kw)
 
     @classmethod
@@ -161,7 +160,7 @@ def apply(lm, requests, hparams: MEMITHparams | None = None, lam: float = 0.0,
             align_for[obj] = steam.make_align(lm, build_anchor(lm, obj), lam, layers, centered)
     z_init = _z_now(lm, requests, z_layer)
     deltas, losses = [], []
-    clean = not getattr(lm.model, "_steamviz_active_edits", 0)
+    clean = not active_edits(lm.model)
     for r in requests:
         align = align_for.get(r.target_new)
         key = (lm.fingerprint, id(lm.model), repr(r.to_rome()), repr(rhp),
@@ -183,8 +182,7 @@ def apply(lm, requests, hparams: MEMITHparams | None = None, lam: float = 0.0,
     edit = WeightEdit(lm.model, name, dict(
         requests=[r.to_dict() for r in requests], hparams=hp.to_dict(), lam=lam,
         final_losses=losses))
-    rome._track(lm.model, edit)
-    try:
+    with edit.undo_on_error():
         for i, layer in enumerate(hp.layers):
             K, K_all = _keys(lm, layer, requests, contexts)  # [n, d_in]
             R = (z - _z_now(lm, requests, z_layer)) / (len(hp.layers) - i)  # [n, d]
@@ -205,9 +203,6 @@ def apply(lm, requests, hparams: MEMITHparams | None = None, lam: float = 0.0,
             W = mlp_out_module(lm.model, layer).weight
             pname = lm.adapter.mlp_out.format(layer) + ".weight"
             edit.add_delta(pname, (upd.T if lm.adapter.conv1d else upd).to(W.dtype))
-    except BaseException:
-        edit.restore()
-        raise
     edit.info["seconds"] = time.perf_counter() - t0
     return edit
 

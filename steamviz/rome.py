@@ -36,7 +36,7 @@ import torch
 from .arch import as_out_in, get_module, lm_head_logits, mlp_out_module
 from .capture import _Stop, hooks
 from .context import context_templates
-from .edits import WeightEdit
+from .edits import WeightEdit, active_edits
 from .forward import layers_from, space
 from .requests import EditRequest
 from .tokens import pad, subject_last, token_ids
@@ -346,7 +346,7 @@ def prepare(lm, request: EditRequest, hp: ROMEHparams | None = None, use_cache: 
               "mom2_corpus", "mom2_n_tokens", "mom2_ridge", "seed")
     key = (lm.fingerprint, id(lm.model), repr(request.to_rome()),
            tuple(getattr(hp, f) for f in fields))
-    clean = not getattr(lm.model, "_steamviz_active_edits", 0)
+    clean = not active_edits(lm.model)
     if use_cache and clean and key in _PREP_CACHE:
         return _PREP_CACHE[key]
     t0 = time.perf_counter()
@@ -610,20 +610,6 @@ def write_update(lm, prep: Prepared, v: VResult, method: str = "ROME", extra=Non
     if as_out_in(W, lm.adapter).shape != upd.shape:
         raise ValueError(f"update shape {tuple(upd.shape)} does not fit {name} {tuple(W.shape)}")
     edit = WeightEdit(lm.model, method, info)
-    _track(lm.model, edit)
-    try:
+    with edit.undo_on_error():
         edit.add_delta(name, delta.to(W.dtype))
-    except BaseException:
-        edit.restore()
-        raise
     return edit
-
-
-def _track(model, edit) -> None:
-    """Count active edits on the model (prepare() caches only for the unedited model)."""
-    model._steamviz_active_edits = getattr(model, "_steamviz_active_edits", 0) + 1
-
-    def untrack():
-        model._steamviz_active_edits -= 1
-
-    edit._undo.insert(0, untrack)

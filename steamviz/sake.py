@@ -613,17 +613,14 @@ class SAKEEdit(Edit):
         lm = self.lm
         base = get_module(lm.model, lm.adapter.base)
         blocks = get_module(lm.model, lm.adapter.layers)
-        try:
+        self.on_restore(self._remove)
+        with self.undo_on_error():  # a failed install leaves no hook and no active edit
             self._handles.append(base.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(blocks[self.scope.subject_layer - 1].register_forward_hook(
                 self._subject_hook))
             self._handles.append(blocks[self.scope.query_layer - 1].register_forward_hook(
                 self._query_hook))
             self._handles.append(base.register_forward_hook(self._post, with_kwargs=True))
-        except BaseException:
-            self._remove()
-            raise
-        self.on_restore(self._remove)
 
     def _remove(self) -> None:
         for h in self._handles:

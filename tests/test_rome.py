@@ -167,3 +167,21 @@ def test_second_moment_statistics_cached_and_used(lm, tmp_path, monkeypatch):
     torch.testing.assert_close(upd @ prep.k_bare, v.target - prep.v_init, rtol=1e-3, atol=1e-4)
     with pytest.raises(FileNotFoundError, match="neither a folder"):
         stats.second_moment(lm, 5, corpus=tmp_path / "nope")
+
+
+def test_every_edit_counts_as_active_until_restored():
+    from steamviz.edits import Edit, WeightEdit, active_edits
+
+    model = torch.nn.Linear(3, 2)
+    w0 = model.weight.detach().clone()
+    hook = Edit(model, "hook-only")  # e.g. SAKE or BaFT: no weight changes
+    assert active_edits(model) == 1
+    e = WeightEdit(model, "weights")
+    with pytest.raises(RuntimeError, match="half"):
+        with e.undo_on_error():
+            e.add_delta("weight", torch.ones(2, 3))
+            raise RuntimeError("failed half-way")
+    assert not e.active and torch.equal(model.weight, w0) and active_edits(model) == 1
+    hook.restore()
+    hook.restore()  # idempotent
+    assert active_edits(model) == 0
