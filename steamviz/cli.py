@@ -81,6 +81,19 @@ def _edit(args) -> int:
     return 0
 
 
+def _params(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings (values read as YAML: numbers, null, lists) to a dict."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, eq, val = item.partition("=")
+        if not eq or not key.strip():
+            raise SystemExit(f"--param {item!r}: expected KEY=VALUE, e.g. --param v_num_grad_steps=10")
+        out[key.strip()] = yaml.safe_load(val)
+    return out
+
+
 def _eval(args) -> int:
     from . import evaluation
     from .io import write_bytes, write_text
@@ -95,6 +108,7 @@ def _eval(args) -> int:
         params["lam"] = args.lam
     if args.layer is not None:
         params["layer"] = args.layer
+    params.update(_params(args.param))
     df = evaluation.run(lm, reqs, method=args.method, generation=not args.no_generation,
                         **params)
     table = evaluation.summary(df)
@@ -180,6 +194,9 @@ def main(argv=None) -> int:
     v.add_argument("--lam", type=float, default=None, help="STEAM alignment strength")
     v.add_argument("--layer", type=int, default=None)
     v.add_argument("--no-generation", action="store_true", help="skip fluency/consistency")
+    v.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="an editor parameter (e.g. a hyperparameter field: "
+                        "v_matmul_dtype=bfloat16); repeatable")
     v.add_argument("--out", default=None)
     v.add_argument("--model", default=None)
     v.add_argument("--device", default="auto")

@@ -15,6 +15,8 @@ Built in: ``rome``, ``steam-rome``, ``memit``, ``steam-memit``, ``sake``, ``baft
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Callable
 
 from .edits import Edit
@@ -77,5 +79,9 @@ def _register_builtin() -> None:
         if layer is not None:
             hp["layer"] = layer
         if hp:
+            unknown = sorted(set(hp) - {f.name for f in dataclasses.fields(hparams)})
+            if unknown:
+                raise ValueError(f"unknown ROME parameter(s) {unknown}; fields of ROMEHparams: "
+                                 f"{[f.name for f in dataclasses.fields(hparams)]}")
             hparams = hparams.replace(**hp)
         return rome.apply(lm, request, hparams)

@@ -20,3 +20,22 @@ def test_demo_writes_report(tmp_path, lm):
     assert len(rep["prompts"][0]["logit_lens"]) == 31
     assert (out / "report.md").exists() and (out / "capture.npz").stat().st_size > 1000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # nothing else written
+
+
+def test_eval_params_parse_as_yaml_and_refuse_bad_items():
+    from steamviz.cli import _params
+
+    assert _params(["v_matmul_dtype=bfloat16", "v_num_grad_steps=10", "mom2_corpus=null"]) == {
+        "v_matmul_dtype": "bfloat16", "v_num_grad_steps": 10, "mom2_corpus": None}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        _params(["v_num_grad_steps"])
+
+
+def test_unknown_rome_parameter_is_named(lm):
+    from steamviz.editors import edit
+    from steamviz.requests import EditRequest
+
+    req = EditRequest(prompt="{} is located in the country of", subject="Toronto",
+                      target_new="Japan", target_true="Canada")
+    with pytest.raises(ValueError, match="v_nm_grad_steps"):
+        edit(lm, req, "rome", v_nm_grad_steps=3)

@@ -185,3 +185,32 @@ def test_every_edit_counts_as_active_until_restored():
     hook.restore()
     hook.restore()  # idempotent
     assert active_edits(model) == 0
+
+
+def test_kl_term_is_romes_direction(tokenizer):
+    """The essence term is ROME's KL(P_edited || P_init) on "{subject} is a"."""
+    from conftest import build_tiny
+
+    from steamviz.arch import mlp_out_module
+
+    lm = build_tiny("llama", tokenizer)
+    hp = ROMEHparams(layer=1, v_num_grad_steps=2, early_stop_loss=0.0, v_lr=2.0, kl_factor=1.0,
+                     context_template_length_params=((5, 2),))
+    prep = rome.prepare(lm, REQ, hp, use_cache=False)
+    v = rome.compute_v(lm, prep, hp)
+    text = "Toronto is a"
+    ids = torch.tensor([list(lm.prefix_ids) + rome.token_ids(lm, text)])
+    sp = rome.subject_last(lm, text, "Toronto")
+    h = mlp_out_module(lm.model, 1).register_forward_hook(
+        lambda m, a, o: o + torch.nn.functional.one_hot(torch.tensor(sp), ids.shape[1])[None, :, None]
+        * v.delta)
+    try:
+        with torch.no_grad():
+            lp = lm.model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
+    finally:
+        h.remove()
+    lp0 = prep.kl_logp_init[0]
+    rome_dir = float((lp.exp() * (lp - lp0)).sum())
+    other = float((lp0.exp() * (lp0 - lp)).sum())
+    assert abs(v.losses[-1]["kl"] - rome_dir) < 1e-3 * max(rome_dir, 1e-3)
+    assert abs(rome_dir - other) > 1e-2 * rome_dir

@@ -1,0 +1,215 @@
+"""A lean forward of Llama-family decoder blocks, for optimisation loops over a few tokens.
+
+ROME's v* loop (also STEAM-ROME's and MEMIT's z loop) runs the blocks above the edited
+layer on a handful of *suffix* tokens per row, with the prefix's keys and values cached,
+forward and backward, 25 times per edit. Through transformers' modules a good share of
+that time goes to module dispatch, cache bookkeeping and three small projections where
+one product does. :class:`LeanStack` does the same arithmetic as transformers' Llama,
+Mistral and Qwen2 blocks as plain tensor operations: q|k|v and gate|up fused into one
+product each (when the fused copy is small), rotary angles from the model's own rotary
+module, SDPA with the caller's additive mask. It is an internal fast path: callers
+check :func:`unsupported` first and fall back to the modules when it names a reason
+(another architecture, hooks on the blocks -- a hook-based edit such as BaFT or SAKE, or
+a user's probe --, dropout in training mode).
+
+>>> stack = LeanStack(lm.model, start=5)                               # doctest: +SKIP
+>>> cos, sin = stack.rope(h, pos)                                      # doctest: +SKIP
+>>> out = stack.run(h, cos, sin, prefix_kv, mask4d)   # == base(..., past_key_values) # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import adapter_for, get_module
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+FUSE_MAX_BYTES = 1 << 30
+_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA enable_gqa  # above this, use the model's own weights unfused (big models)
+
+
+def _hooked(m: nn.Module) -> bool:
+    return any(
+        getattr(m, a, None)
+        for a in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                  "_backward_pre_hooks")
+    )
+
+
+def unsupported(model: nn.Module, start: int) -> str | None:
+    """Why :class:`LeanStack` cannot stand in for blocks ``start..`` of ``model``; ``None``
+    when it can."""
+    cfg = model.config
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED:
+        return f"model_type {mt!r} (lean path covers {SUPPORTED})"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r}"
+    if (getattr(cfg, "pretraining_tp", 1) or 1) != 1:
+        return "pretraining_tp > 1"
+    ad = adapter_for(model)
+    blocks = get_module(model, ad.layers)
+    base = get_module(model, ad.base)
+    if not hasattr(base, "rotary_emb"):
+        return "no rotary module on the decoder stack"
+    if model.training and getattr(cfg, "attention_dropout", 0.0):
+        return "attention dropout in training mode"
+    mods = [get_module(model, ad.final_norm)] + list(blocks)[start:]
+    from torch.nn.modules import module as _m
+
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks:
+        return "global module hooks are registered"
+    for top in mods:
+        for name, m in top.named_modules():
+            if _hooked(m):
+                return f"a hook on {type(m).__name__} {name or '(block)'}"
+    for b in list(blocks)[start:]:
+        a, p = getattr(b, "self_attn", None), getattr(b, "mlp", None)
+        if a is None or p is None or hasattr(a, "q_norm"):
+            return "block layout differs from Llama's"
+        if not all(hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")):
+            return "attention layout differs from Llama's"
+        if not all(hasattr(p, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            return "MLP layout differs from Llama's"
+        if not all(hasattr(getattr(b, n, None), "variance_epsilon")
+                   for n in ("input_layernorm", "post_attention_layernorm")):
+            return "norms differ from Llama's RMSNorm"
+    return None
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # transformers' LlamaRMSNorm: statistics in float32, weight applied in the input dtype
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+@dataclass
+class _Proj:
+    """One or more linear maps of the same input; fused into one product when cheap."""
+
+    weights: list
+    biases: list
+    sizes: list
+
+    @classmethod
+    def of(cls, linears: list[nn.Linear], fuse: bool, dtype: torch.dtype | None = None) -> "_Proj":
+        ws = [m.weight.detach() for m in linears]
+        bs = [None if m.bias is None else m.bias.detach() for m in linears]
+        sizes = [w.shape[0] for w in ws]
+        if fuse and len(ws) > 1 and (all(b is None for b in bs) or all(b is not None for b in bs)):
+            ws = [torch.cat(ws)]
+            bs = [None if bs[0] is None else torch.cat(bs)]
+        if dtype is not None and dtype != ws[0].dtype:
+            ws = [w.to(dtype) for w in ws]
+            bs = [None if b is None else b.to(dtype) for b in bs]
+        return cls(ws, bs, sizes)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        dt = x.dtype
+        if self.weights[0].dtype != dt:  # products in a lower precision, stream kept in dt
+            x = x.to(self.weights[0].dtype)
+        ys = [F.linear(x, w, b).to(dt) for w, b in zip(self.weights, self.biases)]
+        if len(ys) == 1 and len(self.sizes) > 1:
+            return list(ys[0].split(self.sizes, dim=-1))
+        return ys
+
+
+class LeanStack:
+    """Blocks ``start..`` of a Llama-family causal LM as tensor arithmetic (see module doc).
+
+    Build it per optimisation (it holds fused copies of the current weights); do not keep it
+    across edits of the model. ``matmul_dtype`` (e.g. ``torch.bfloat16``): hold the
+    projection weights in that dtype and run the products in it, the residual stream, norms,
+    rotary and attention staying in the model's dtype -- on CPUs with AMX-BF16 (or GPUs)
+    this trades about three significant digits of the products for speed.
+    """
+
+    def __init__(self, model: nn.Module, start: int, matmul_dtype: torch.dtype | None = None):
+        why = unsupported(model, start)
+        if why is not None:
+            raise ValueError(f"the lean forward cannot run this model: {why}")
+        ad = adapter_for(model)
+        blocks = list(get_module(model, ad.layers))[start:]
+        self.start = start
+        self.rotary = get_module(model, ad.base).rotary_emb
+        self.norm = get_module(model, ad.final_norm)
+        extra = sum(
+            (b.self_attn.q_proj.weight.numel() * 3 + b.mlp.gate_proj.weight.numel() * 2)
+            * b.mlp.gate_proj.weight.element_size()
+            for b in blocks
+        )
+        fuse = extra <= FUSE_MAX_BYTES
+        md = matmul_dtype
+        self.blocks = []
+        for b in blocks:
+            a, p = b.self_attn, b.mlp
+            hd = a.head_dim
+            self.blocks.append(dict(
+                qkv=_Proj.of([a.q_proj, a.k_proj, a.v_proj], fuse, md),
+                o=_Proj.of([a.o_proj], False, md),
+                gu=_Proj.of([p.gate_proj, p.up_proj], fuse, md),
+                down=_Proj.of([p.down_proj], False, md),
+                n1=b.input_layernorm.weight.detach(), e1=b.input_layernorm.variance_epsilon,
+                n2=b.post_attention_layernorm.weight.detach(),
+                e2=b.post_attention_layernorm.variance_epsilon,
+                hd=hd, nq=a.q_proj.weight.shape[0] // hd, nkv=a.k_proj.weight.shape[0] // hd,
+                scaling=a.scaling,
+            ))
+
+    def rope(self, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[batch, 1, seq, head_dim]`` for positions ``pos`` ``[batch, seq]``."""
+        with torch.no_grad():
+            cos, sin = self.rotary(h, pos)
+        return cos[:, None], sin[:, None]
+
+    def block(self, j: int, h: torch.Tensor, cos, sin, kv, mask: torch.Tensor) -> torch.Tensor:
+        """Block ``start + j`` on ``h`` ``[batch, seq, d]``; ``kv``: the prefix's (keys,
+        values) ``[batch, kv_heads, P, head_dim]`` of this block (rotary applied)."""
+        w = self.blocks[j]
+        B, S, _ = h.shape
+        hd, nq, nkv = w["hd"], w["nq"], w["nkv"]
+        x = _rms(h, w["n1"], w["e1"])
+        q, k, v = w["qkv"](x)
+        q = q.view(B, S, nq, hd).transpose(1, 2)
+        k = k.view(B, S, nkv, hd).transpose(1, 2)
+        v = v.view(B, S, nkv, hd).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        pk, pv = kv
+        if pk is not None:
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        if nkv != nq and _GQA:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w["scaling"],
+                                               enable_gqa=True)
+        else:
+            if nkv != nq:  # transformers' repeat_kv: each kv head serves nq // nkv query heads
+                k = k.repeat_interleave(nq // nkv, dim=1)
+                v = v.repeat_interleave(nq // nkv, dim=1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w["scaling"])
+        h = h + w["o"](o.transpose(1, 2).reshape(B, S, nq * hd))[0]
+        x = _rms(h, w["n2"], w["e2"])
+        g, u = w["gu"](x)
+        return h + w["down"](F.silu(g) * u)[0]
+
+    def run(self, h: torch.Tensor, cos, sin, prefix_kv: list, mask: torch.Tensor, first: int = 0,
+            tap: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Blocks ``start + first ..`` then the final norm; ``prefix_kv`` is indexed by
+        absolute block. ``tap(layer, h)`` sees the stream *entering* block ``layer`` for
+        every layer after the first block run (``layer == n_layers``: the last block's
+        output, before the norm)."""
+        for j in range(first, len(self.blocks)):
+            i = self.start + j
+            h = self.block(j, h, cos, sin, prefix_kv[i], mask)
+            if tap is not None:
+                tap(i + 1, h)
+        return self.norm(h)
