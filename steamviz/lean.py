@@ -29,8 +29,8 @@ from torch import nn
 from .arch import adapter_for, get_module
 
 SUPPORTED = ("llama", "mistral", "qwen2")
-FUSE_MAX_BYTES = 1 << 30
-_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA enable_gqa  # above this, use the model's own weights unfused (big models)
+FUSE_MAX_BYTES = 1 << 30  # above this, use the model's own weights unfused (big models)
+_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA enable_gqa
 
 
 def _hooked(m: nn.Module) -> bool:
