@@ -215,3 +215,48 @@ def block_input_to_embeds(
         return hidden - wpe(position_ids)
     raise ValueError(f"unknown embed_transform {ad.embed_transform!r}")
 
+
+
+# --------------------------------------------------------------------------------------------
+# the KV cache's name, which changed across transformers releases
+# --------------------------------------------------------------------------------------------
+_CACHE_NAMES: dict[type, str] = {}
+
+
+def cache_name(module: nn.Module) -> str:
+    """The keyword under which ``module.forward`` takes a KV cache: ``"cache"`` in recent
+    transformers 5 releases, ``"past_key_values"`` before (the old name still works there,
+    with a deprecation warning on every call).
+
+    >>> from torch import nn
+    >>> class Old(nn.Module):
+    ...     def forward(self, input_ids=None, past_key_values=None): ...
+    >>> cache_name(Old())
+    'past_key_values'
+    """
+    kind = type(module)
+    if kind not in _CACHE_NAMES:
+        import inspect
+
+        params = inspect.signature(kind.forward).parameters
+        _CACHE_NAMES[kind] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_NAMES[kind]
+
+
+def cache_kwargs(module: nn.Module, cache) -> dict:
+    """``{name: cache}`` to pass a KV cache to ``module``'s forward, whatever the release."""
+    return {cache_name(module): cache}
+
+
+def cache_in_kwargs(kwargs: dict):
+    """The KV cache among a forward's keyword arguments (as a forward pre-hook sees them)."""
+    got = kwargs.get("cache")
+    return got if got is not None else kwargs.get("past_key_values")
+
+
+def output_cache(out):
+    """The KV cache a forward returned (``out.cache`` or ``out.past_key_values``), or None."""
+    fields = getattr(out, "__dataclass_fields__", None) or {}
+    if "cache" in fields:
+        return out.cache
+    return getattr(out, "past_key_values", None)

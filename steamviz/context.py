@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .arch import cache_kwargs, output_cache
+
 _CACHE: dict[tuple, list[str]] = {}
 
 
@@ -26,8 +28,8 @@ def sample(lm, n: int, length: int, generator: torch.Generator, top_k: int = 5,
     ids = torch.tensor([start] * n, device=lm.device)
     past, cur = None, ids
     for _ in range(length):
-        o = lm.model(input_ids=cur, past_key_values=past, use_cache=True)
-        past = o.past_key_values
+        o = lm.model(input_ids=cur, use_cache=True, **cache_kwargs(lm.model, past))
+        past = output_cache(o)
         logits = o.logits[:, -1].float().cpu()
         v, i = logits.topk(top_k, dim=-1)
         choice = torch.multinomial(v.softmax(-1), 1, generator=generator)

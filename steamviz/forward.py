@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .arch import block_input_to_embeds, get_module, lm_head_logits
+from .arch import block_input_to_embeds, cache_kwargs, get_module, lm_head_logits, output_cache
 from .tokens import encode, pad, token_ids
 
 
@@ -156,8 +156,8 @@ def greedy(lm, prompts: Sequence[str], max_new_tokens: int = 20, stop_at_eos: bo
         done = torch.zeros(len(ids), dtype=torch.bool, device=dev)
         for _ in range(max_new_tokens):
             o = lm.model(input_ids=cur, attention_mask=mask, position_ids=pos,
-                         past_key_values=past, use_cache=True)
-            past = o.past_key_values
+                         use_cache=True, **cache_kwargs(lm.model, past))
+            past = output_cache(o)
             nxt = o.logits[:, -1].argmax(-1)
             if stop_at_eos and eos is not None:
                 done |= nxt == eos

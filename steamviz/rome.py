@@ -37,7 +37,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
-from .arch import as_out_in, get_module, lm_head_logits, mlp_out_module
+from .arch import as_out_in, cache_kwargs, get_module, lm_head_logits, mlp_out_module
 from .capture import _Stop, hooks
 from .context import context_templates
 from .edits import WeightEdit, active_edits
@@ -307,7 +307,7 @@ def _prefix_cache(lm, ids: list[list[int]], cut: list[int], layer: int):
                mlp_out_module(lm.model, layer).register_forward_hook(key)]
     with hooks(handles), torch.no_grad():
         out = base(input_ids=inp.to(dev), attention_mask=full_mask.to(dev),
-                   position_ids=pos.to(dev), past_key_values=cache, use_cache=True)
+                   position_ids=pos.to(dev), use_cache=True, **cache_kwargs(base, cache))
     kv = []
     for i, lay in enumerate(cache.layers):
         if i < layer:
@@ -431,7 +431,7 @@ def _run_suffix(lm, prep: Prepared) -> torch.Tensor:
     emb = block_input_to_embeds(lm.model, prep.h_suffix, prep.pos_suffix)
     with layers_from(lm.model, prep.hp.layer):
         out = base(inputs_embeds=emb, attention_mask=prep.mask4d, position_ids=prep.pos_suffix,
-                   past_key_values=cache, use_cache=True)
+                   use_cache=True, **cache_kwargs(base, cache))
     return out.last_hidden_state
 
 

@@ -106,7 +106,7 @@ from typing import Sequence
 
 import torch
 
-from .arch import get_module
+from .arch import cache_in_kwargs, get_module, output_cache
 from .capture import _first_tensor, _Stop, hooks
 from .edits import Edit
 from .forward import space
@@ -629,7 +629,7 @@ class SAKEEdit(Edit):
         self._fwd, self._cache = None, None
 
     def _pre(self, module, args, kwargs) -> None:
-        past = kwargs.get("past_key_values")
+        past = cache_in_kwargs(kwargs)
         n_past = 0
         if past is not None:
             try:
@@ -682,7 +682,7 @@ class SAKEEdit(Edit):
         valid = self._valid(st, h)
         if valid is not None:
             mask &= valid
-        cache = getattr(out, "past_key_values", None)
+        cache = output_cache(out)
         if cache is None and not hasattr(out, "last_hidden_state") and len(out) > 1:
             cache = out[1]
         self._cache = None

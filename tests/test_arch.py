@@ -86,3 +86,26 @@ def test_batched_capture_equals_one_at_a_time(tiny):
     for i, (p, s) in enumerate(zip(PROMPTS, SUBJECTS)):
         one = capture(tiny, [p], positions=("last", "subject_last"), subjects=[s])
         torch.testing.assert_close(one.tensor[0], cap.tensor[i], rtol=1e-4, atol=1e-4)
+
+
+def test_kv_cache_calls_are_quiet_and_equal_a_full_forward(tiny):
+    """Our KV-cache calls use the name this transformers release takes (``cache`` or
+    ``past_key_values``): no deprecation warning, and a cached step gives the logits of
+    one full forward."""
+    import warnings
+
+    from steamviz.arch import cache_kwargs, output_cache
+    from steamviz.forward import greedy
+
+    ids = torch.tensor([[0] + tiny.tok("Paris is a city in", add_special_tokens=False)["input_ids"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        full = tiny.model(input_ids=ids, use_cache=False).logits[0, -1]
+        first = tiny.model(input_ids=ids[:, :-1], use_cache=True)
+        cache = output_cache(first)
+        assert cache is not None
+        step = tiny.model(input_ids=ids[:, -1:], use_cache=True,
+                          **cache_kwargs(tiny.model, cache)).logits[0, -1]
+        greedy(tiny, ["Paris is a city in"], max_new_tokens=3)
+    torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)

@@ -109,9 +109,20 @@ def test_umap_map_is_seeded_cached_and_places_new_points(tmp_path, monkeypatch):
     assert len(list((tmp_path / "maps").iterdir())) == 1
     refit = fit_map(x, method="umap", pca_dims=8, n_epochs=50, use_cache=False)  # seeded
     np.testing.assert_allclose(refit.embedding, m.embedding, atol=1e-5)
-    # fitted points placed again land where the fit put them (exact neighbour search)
-    spread = np.linalg.norm(m.embedding - m.embedding.mean(0), axis=1).mean()
-    assert np.linalg.norm(m.transform(x[:20]) - m.embedding[:20], axis=1).mean() < 0.2 * spread
+    # fitted points placed again land among their own fitted neighbours (exact neighbour
+    # search). UMAP's transform re-optimises each placed point, so it does not return the
+    # fitted position exactly: with umap-learn 0.5.12 the mean error was 0.15-0.18 of the
+    # spread over 3 data x 2 map seeds (0.21 once in a full-suite run), the own fitted
+    # position being a median ~5th nearest fitted point. A broken placement lands at random
+    # (median rank ~40 within the cluster).
+    e = m.embedding
+    spread = np.linalg.norm(e - e.mean(0), axis=1).mean()
+    placed = m.transform(x[:20])
+    assert np.linalg.norm(placed - e[:20], axis=1).mean() < 0.3 * spread
+    d = np.linalg.norm(placed[:, None] - e[None], axis=2)  # [20, 160]
+    own_rank = (d < d[np.arange(20), np.arange(20)][:, None]).sum(1)
+    assert np.median(own_rank) <= 12, own_rank
+    assert (d.argmin(1) < 80).all()  # nearest fitted point is in the same cluster
     # a point from cluster A lands nearer cluster A's embedding than B's
     p = m.transform(x[:1] + 0.01)[0]
     da = np.linalg.norm(m.embedding[:80].mean(0) - p)

@@ -9,38 +9,80 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CONDA_NAMES = {"torch": "pytorch"}
+LOCK = ROOT / "requirements-lock.txt"
 
 
 def _name(spec: str) -> str:
-    return re.split(r"[<>=!~\[ ;]", spec.strip(), maxsplit=1)[0].lower()
+    return re.split(r"[<>=!~\[ ;]", spec.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
-def _deps():
+def _specs() -> dict[str, str]:
+    """pyproject's requirements (with every extra), by normalised name."""
     proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [_name(d) for d in proj["dependencies"] + proj["optional-dependencies"]["dev"]]
+    reqs = proj["dependencies"] + [r for extra in proj["optional-dependencies"].values()
+                                   for r in extra]
+    return {_name(r): r for r in reqs}
 
 
-def _env_names():
+def _lock(text: str | None = None) -> dict[str, str]:
+    """``{name: version}`` pinned by the lock file."""
+    pins = {}
+    for line in (LOCK.read_text() if text is None else text).splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            name, sep, version = line.partition("==")
+            assert sep, f"requirements-lock.txt: {line!r} is not pinned with =="
+            pins[_name(name)] = version.split(";")[0].strip()
+    return pins
+
+
+def _missing_or_unsatisfied(lock: dict[str, str]) -> list[str]:
+    from packaging.requirements import Requirement
+
+    bad = []
+    for name, spec in _specs().items():
+        if name == "torch":  # installed beside the lock, pinned in scripts/_env.sh
+            continue
+        if name not in lock:
+            bad.append(f"{name} is not in the lock")
+        elif not Requirement(spec).specifier.contains(lock[name], prereleases=True):
+            bad.append(f"{name}=={lock[name]} does not satisfy {spec!r}")
+    return bad
+
+
+def test_every_pyproject_dependency_is_pinned_in_the_lock():
+    bad = _missing_or_unsatisfied(_lock())
+    assert not bad, f"run `bash scripts/lock.sh`: {bad}"
+
+
+def test_the_lock_check_itself_notices_drift():
+    lock = _lock()
+    del lock["umap-learn"]
+    lock["plotly"] = "4.0.0"
+    bad = _missing_or_unsatisfied(lock)
+    assert "umap-learn is not in the lock" in bad
+    assert any(b.startswith("plotly==4.0.0 does not satisfy") for b in bad)
+
+
+def test_torch_is_pinned_for_the_cpu_path_and_satisfies_pyproject():
+    from packaging.requirements import Requirement
+
+    env_sh = (ROOT / "scripts" / "_env.sh").read_text()
+    pinned = re.findall(r"torch==([0-9.]+)", env_sh)
+    assert pinned == ["2.13.0"], pinned
+    assert Requirement(_specs()["torch"]).specifier.contains(pinned[0])
+    assert "torch" not in _lock()  # GPU users bring their own torch
+
+
+def test_environment_yml_installs_the_lock():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    names = set()
-    for d in env["dependencies"]:
-        if isinstance(d, dict):
-            names |= {_name(x) for x in d.get("pip", []) if not x.startswith("-")}
-        else:
-            names.add(_name(d.split("=")[0]))
-    return names
-
-
-def test_every_pyproject_dependency_is_in_environment_yml():
-    names = _env_names()
-    missing = [d for d in _deps() if CONDA_NAMES.get(d, d) not in names]
-    assert not missing, f"add to environment.yml: {missing}"
-
-
-def test_the_check_itself_notices_a_missing_dependency():
-    assert "not-a-real-package" not in _env_names()
-    assert "umap-learn" in _deps() and "umap-learn" in _env_names()
+    pip = [d for d in env["dependencies"] if isinstance(d, dict)][0]["pip"]
+    assert "-r requirements-lock.txt" in pip and "-e ." in pip
+    conda = {_name(d.split("=")[0]) for d in env["dependencies"] if isinstance(d, str)}
+    # conda brings python, pip and the CUDA build of torch; everything else is the lock's
+    assert conda <= {"python", "pip", "pytorch", "pytorch-cuda"}, conda
+    extra = [x for x in pip if not x.startswith("-")]
+    assert not extra, f"environment.yml installs {extra} outside the lock"
 
 
 def test_ci_runs_the_readme_test_command():

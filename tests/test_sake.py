@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from steamviz import editors, sake
+from steamviz.arch import cache_kwargs, output_cache
 from steamviz.forward import greedy, next_token_logits, space, target_logprobs
 from steamviz.requests import EditRequest
 from steamviz.tokens import token_ids
@@ -227,13 +228,13 @@ def test_kv_cache_carries_the_subject_over(lm, france):
         full = lm.model(input_ids=ids, use_cache=False).logits[0, -1]
         first = lm.model(input_ids=ids[:, :-1], use_cache=True)
         assert not bool(e.last_mask.any())  # no question yet
-        step = lm.model(input_ids=ids[:, -1:], past_key_values=first.past_key_values,
-                        use_cache=True).logits[0, -1]
+        step = lm.model(input_ids=ids[:, -1:], use_cache=True,
+                        **cache_kwargs(lm.model, output_cache(first))).logits[0, -1]
         assert bool(e.last_mask.all())
         # a cache the edit never saw: conservatively out of scope
-        cold = lm.model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        cold = output_cache(lm.model(input_ids=ids[:, :-1], use_cache=True))
         e._cache = None
-        lm.model(input_ids=ids[:, -1:], past_key_values=cold, use_cache=True)
+        lm.model(input_ids=ids[:, -1:], use_cache=True, **cache_kwargs(lm.model, cold))
         assert not bool(e.last_mask.any())
     rome = token_ids(lm, " Rome")[0]
     assert int(full.argmax()) == int(step.argmax()) == rome
