@@ -25,7 +25,7 @@ from steamviz import rome, steam
 from steamviz.anchors import AnchorError, build_anchor
 from steamviz.datasets import load_counterfact
 from steamviz.models import load_model
-from steamviz.paths import shared_data_dir
+from steamviz import fetch
 
 
 def peak_mb() -> float:
@@ -42,7 +42,7 @@ def main():
     lm = load_model(device="cpu")
     from steamviz.datasets import load_edits
 
-    reqs = load_counterfact(shared_data_dir() / "counterfact_easyedit" / "counterfact-val.json",
+    reqs = load_counterfact(fetch.path("counterfact", "counterfact_easyedit/counterfact-val.json"),
                             limit=args.edits) if args.data == "counterfact" else load_edits(
                                 limit=args.edits)
     hp = rome.ROMEHparams.for_model(lm).replace(early_stop_loss=0.0)

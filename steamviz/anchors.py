@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .capture import capture
+from .datasets import Fact
+from .edits import require_unedited
 from .forward import target_logprobs
-from .io import save_torch
+from .io import load_tensors, save_tensors
 from .models import cache_dir
 
 
@@ -50,17 +52,52 @@ class Anchor:
         return f"Anchor({self.object!r}, facts={self.n}, layers={self.phi.shape[0]})"
 
 
-_RECALL: dict[tuple, bool] = {}
+_RECALL: dict[tuple, bool] = {}  # (fingerprint, prompt, object) -> recalled
 _ANCHORS: dict[tuple, Anchor] = {}
 
 
+def _recall_file(lm):
+    return cache_dir() / "recall" / f"{lm.fingerprint}.json"
+
+
+def _load_recall(lm) -> None:
+    """Read this model's recall results from the disk cache once per process."""
+    import json
+
+    tag = (lm.fingerprint, "__loaded__", str(cache_dir()))
+    if tag in _RECALL:
+        return
+    _RECALL[tag] = True
+    try:
+        stored = json.loads(_recall_file(lm).read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(stored, dict):
+        for k, v in stored.items():
+            prompt, _, obj = k.partition("\t")
+            if isinstance(v, bool):
+                _RECALL[(lm.fingerprint, prompt, obj)] = v
+
+
 def recalled(lm, facts, batch_size: int = 64) -> list[bool]:
-    """Whether the unedited model completes each fact's prompt with its object (greedy)."""
-    todo = [f for f in facts if (lm.fingerprint, f.prompt, f.object) not in _RECALL]
+    """Whether the unedited model completes each fact's prompt with its object (greedy).
+    Results are kept per model fingerprint, in memory and in the cache dir (JSON).
+    Raises :class:`~steamviz.edits.EditedModelError` while an edit is in place."""
+    require_unedited(lm.model, "a recall check")
+    _load_recall(lm)
+    todo = list({(f.prompt, f.object): f for f in facts
+                 if (lm.fingerprint, f.prompt, f.object) not in _RECALL}.values())
     if todo:
+        import json
+
+        from .io import write_text
+
         res = target_logprobs(lm, [f.prompt for f in todo], [f.object for f in todo], batch_size)
         for f, r in zip(todo, res):
-            _RECALL[(lm.fingerprint, f.prompt, f.object)] = r["greedy"]
+            _RECALL[(lm.fingerprint, f.prompt, f.object)] = bool(r["greedy"])
+        mine = {f"{k[1]}\t{k[2]}": v for k, v in _RECALL.items()
+                if k[0] == lm.fingerprint and isinstance(v, bool) and k[1] != "__loaded__"}
+        write_text(_recall_file(lm), json.dumps(mine))
     return [_RECALL[(lm.fingerprint, f.prompt, f.object)] for f in facts]
 
 
@@ -87,7 +124,8 @@ def build_anchor(
 
     ``exclude_subjects``: leave these subjects out (e.g. the edited subject itself).
     Raises :class:`AnchorError` with fewer than ``min_facts`` usable facts; warns below
-    ``warn_below``.
+    ``warn_below``. Raises :class:`~steamviz.edits.EditedModelError` while an edit is in
+    place (also for a cached anchor: build references before the first edit).
     """
     from .datasets import load_reference_facts
 
@@ -96,17 +134,16 @@ def build_anchor(
     settings = dict(n_per_relation=n_per_relation, seed=seed, require_recall=require_recall,
                     exclude=sorted(exclude_subjects))
     key = (lm.fingerprint, obj, repr(sorted(settings.items())), _facts_key(mine))
+    require_unedited(lm.model, f"the anchor of {obj!r}")
     if use_cache and key in _ANCHORS:
         return _ANCHORS[key]
     path = cache_dir() / "anchors" / (
-        hashlib.sha256(repr(key).encode()).hexdigest()[:20] + ".pt")
+        hashlib.sha256(repr(key).encode()).hexdigest()[:20] + ".safetensors")
     if use_cache and path.exists():
-        try:
-            a = torch.load(path, weights_only=False)
+        a = _read_anchor(path, repr(key), lm)
+        if a is not None:
             _ANCHORS[key] = a
             return a
-        except Exception:
-            path.unlink(missing_ok=True)
     ok = recalled(lm, mine) if require_recall else [True] * len(mine)
     by_rel: dict[str, list] = {}
     for f, r in zip(mine, ok):
@@ -133,8 +170,26 @@ def build_anchor(
     a = Anchor(obj, phi, used, report, settings)
     if use_cache:
         _ANCHORS[key] = a
-        save_torch(a, path)
+        save_tensors(path, {"phi": phi}, dict(
+            kind="anchor", key=repr(key), object=obj, settings=settings, report=report,
+            facts=[[f.subject, f.relation, f.object, f.template] for f in used]))
     return a
+
+
+def _read_anchor(path, key: str, lm) -> Anchor | None:
+    """The cached anchor at ``path`` if it is one, for this key and model shape; else None
+    (the file is removed and the anchor rebuilt)."""
+    try:
+        t, meta = load_tensors(path, expect={"phi": (lm.n_layers + 1, lm.d_model)})
+        if meta.get("kind") != "anchor" or meta.get("key") != key:
+            raise ValueError(f"{path}: written for another anchor")
+        facts = [Fact(*f) for f in meta["facts"]]
+        return Anchor(meta["object"], t["phi"], facts, list(meta["report"]),
+                      dict(meta["settings"]))
+    except (ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"ignoring a bad anchor cache file, rebuilding: {e}", stacklevel=3)
+        path.unlink(missing_ok=True)
+        return None
 
 
 @dataclass
@@ -166,21 +221,28 @@ def reference_bank(lm, facts=None, limit: int | None = None, seed: int = 0,
     if limit is not None and len(facts) > limit:
         facts = random.Random(seed).sample(facts, limit)
     key = (lm.fingerprint, _facts_key(facts))
+    require_unedited(lm.model, "the reference bank")
     if use_cache and key in _BANKS:
         return _BANKS[key]
-    path = cache_dir() / "banks" / f"{lm.fingerprint}-{key[1]}.pt"
+    path = cache_dir() / "banks" / f"{lm.fingerprint}-{key[1]}.safetensors"
     if use_cache and path.exists():
         try:
-            bank = Bank(facts, torch.load(path, weights_only=True))
+            t, meta = load_tensors(path, expect={
+                "streams": (len(facts), lm.n_layers + 1, lm.d_model)})
+            if meta.get("kind") != "bank" or meta.get("key") != key[1]:
+                raise ValueError(f"{path}: written for another bank")
+            bank = Bank(facts, t["streams"])
             _BANKS[key] = bank
             return bank
-        except Exception:
+        except ValueError as e:
+            warnings.warn(f"ignoring a bad reference-bank cache file, rebuilding: {e}",
+                          stacklevel=2)
             path.unlink(missing_ok=True)
     t = capture(lm, [f.prompt for f in facts], positions=("last",), batch_size=64).get("last")
     bank = Bank(facts, t)
     if use_cache:
         _BANKS[key] = bank
-        save_torch(t, path)
+        save_tensors(path, {"streams": t}, dict(kind="bank", key=key[1], n_facts=len(facts)))
     return bank
 
 

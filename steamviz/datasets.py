@@ -859,12 +859,12 @@ def load_pararel(
 
 def load_named(data: str, limit: int | None = None) -> list[EditRequest]:
     """Requests by name: ``"default"`` (the project's edit set), ``"counterfact"`` (the
-    shared CounterFact val set), or a file path (format sniffed)."""
-    from .paths import shared_data_dir
+    CounterFact val set, through :mod:`steamviz.fetch`), or a file path (format sniffed)."""
+    from . import fetch
 
     if data == "default":
         return load_edits(limit=limit)
     if data == "counterfact":
         return load_counterfact(
-            shared_data_dir() / "counterfact_easyedit" / "counterfact-val.json", limit=limit)
+            fetch.path("counterfact", "counterfact_easyedit/counterfact-val.json"), limit=limit)
     return load_requests(data, limit=limit)

@@ -2,8 +2,8 @@
 
 For the model as it is now (call before and after an edit):
 
-- :func:`anchor_cosines`: per layer, cosine between the edited prompt's residual stream at
-  the predicting (last) token and the new object's anchor phi^l -- raw, and centred on the
+- :func:`anchor_cosines`: per layer, cosine between a prompt's residual stream at the
+  predicting (last) token and the new object's anchor phi^l -- raw, and centred on the
   reference bank's mean stream (raw cosines of this model sit near 0.99 whatever the
   object; centring removes the shared component).
 - :func:`knn_share` (the isolation score): among the k nearest neighbours (centred cosine)
@@ -14,7 +14,11 @@ For the model as it is now (call before and after an edit):
 - :func:`logit_lens`: each layer's stream through final norm and lm_head: rank and
   probability of the first token of o* and of o.
 
->>> rows = integration_rows(lm, request, anchor, bank)   # doctest: +SKIP
+:func:`integration_rows` measures on held-out prompts (the paraphrases, which no editor
+optimises) and, labelled ``*_trained``, on the rewrite prompt; each cosine comes with a
+control (anchors of other objects from the same relations).
+
+>>> rows = integration_rows(lm, request, anchor, bank, layers)   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -85,27 +89,54 @@ def logit_lens(lm, prompt: str, targets: dict[str, str]) -> list[dict]:
     return rows
 
 
-def integration_rows(lm, request, anchor, bank, layers, old_anchor=None, k: int = 10,
-                     prompts=None) -> dict:
-    """Summary of integration for ``request`` on the model as it is now.
-
-    Returns per-layer arrays (all layers) and means over ``layers`` (the alignment set).
-    ``prompts``: default the rewrite prompt and the paraphrases.
-    """
-    prompts = prompts or [request.rewrite_prompt] + list(request.paraphrase_prompts)
-    h = last_streams(lm, prompts)
+def _summaries(h, request, anchor, bank, layers, old_anchor, k, controls) -> dict:
+    """Per-layer arrays and means over ``layers`` for the streams ``h`` [prompt, layer, d]."""
     center = bank.mean.to(h.device)
     cos = anchor_cosines(h, anchor.phi.to(h.device), center)
-    layers = list(layers)
-    share = knn_share(h[:1], bank, request.target_new, layers, k)
+    share = knn_share(h, bank, request.target_new, layers, k)
     out = dict(
         cos_raw_layers=cos["cos_raw"], cos_centered_layers=cos["cos_centered"],
         cos_raw=float(cos["cos_raw"][layers].mean()),
         cos_centered=float(cos["cos_centered"][layers].mean()),
         knn_share=float(share.mean()), knn_share_layers=share,
     )
+    if controls:
+        ctl = [anchor_cosines(h, c.phi.to(h.device), center) for c in controls]
+        for name in ("cos_raw", "cos_centered"):
+            per_layer = np.mean([c[name] for c in ctl], axis=0)
+            out[f"{name}_control_layers"] = per_layer
+            out[f"{name}_control"] = float(per_layer[layers].mean())
     if old_anchor is not None:
-        ax = axis_position(h[:1], anchor.phi.to(h.device), old_anchor.phi.to(h.device), center)
+        ax = axis_position(h, anchor.phi.to(h.device), old_anchor.phi.to(h.device), center)
         out["axis_layers"] = ax
         out["axis"] = float(ax[layers].mean())
+    return out
+
+
+def integration_rows(lm, request, anchor, bank, layers, old_anchor=None, k: int = 10,
+                     prompts=None, controls=()) -> dict:
+    """Integration of ``request`` on the model as it is now, on two prompt sets:
+
+    - **held out** (the plain column names): the paraphrase prompts, which no editor
+      optimises (or ``prompts``). These are the evidence of integration.
+    - **trained** (``*_trained`` columns): the rewrite prompt, which the editor optimised --
+      and which STEAM's alignment term pulls toward the anchor, so a high cosine there is
+      partly the loss itself.
+
+    Each set gets per-layer arrays (``*_layers``, all layers) and means over ``layers``: the
+    raw and centred cosine to the anchor, the kNN share and (with ``old_anchor``) the
+    old->new axis position. ``controls``: anchors of other objects built from the same
+    relations; ``cos_*_control`` is the mean cosine to them, measured the same way. A layer
+    where the control is as high as the anchor says nothing about this object.
+    Held-out columns are absent when the request has no paraphrases (``held_out_prompts``
+    says how many there were).
+    """
+    held = list(prompts) if prompts is not None else list(request.paraphrase_prompts)
+    h = last_streams(lm, [request.rewrite_prompt] + held)
+    layers = list(layers)
+    out = {f"{name}_trained": v for name, v in _summaries(
+        h[:1], request, anchor, bank, layers, old_anchor, k, controls).items()}
+    out["held_out_prompts"] = len(held)
+    if held:
+        out.update(_summaries(h[1:], request, anchor, bank, layers, old_anchor, k, controls))
     return out

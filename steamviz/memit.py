@@ -129,6 +129,16 @@ def _z_now(lm, requests, z_layer: int) -> torch.Tensor:
 _Z_CACHE: dict = {}
 
 
+def _digest(align) -> str:
+    """What the alignment term pulls toward (anchor and centre), as a short hash."""
+    import hashlib
+
+    h = hashlib.sha256(align.phi.detach().float().cpu().numpy().tobytes())
+    if align.center is not None:
+        h.update(align.center.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def clear_caches() -> None:
     """Forget the target vectors kept for reuse (they depend only on the unedited model,
     the request and the hyperparameters, so batches of different sizes share them)."""
@@ -136,8 +146,12 @@ def clear_caches() -> None:
 
 
 def apply(lm, requests, hparams: MEMITHparams | None = None, lam: float = 0.0,
-          align_layers=None, centered: bool = False, method: str | None = None) -> WeightEdit:
-    """Edit all ``requests`` at once; returns one undoable :class:`WeightEdit`."""
+          align_layers=None, centered: bool = False, method: str | None = None,
+          anchors: dict | None = None, bank=None) -> WeightEdit:
+    """Edit all ``requests`` at once; returns one undoable :class:`WeightEdit`.
+
+    With ``lam``: ``anchors`` (``{object: Anchor}``, default: built now) and ``bank`` (for
+    ``centered``) must come from the unedited model (see :func:`steamviz.steam.apply`)."""
     from .arch import mlp_out_module
 
     requests = [EditRequest.from_dict(r) if isinstance(r, dict) else r for r in requests]
@@ -157,19 +171,19 @@ def apply(lm, requests, hparams: MEMITHparams | None = None, lam: float = 0.0,
 
         layers = align_layers or steam.default_layers(lm, z_layer)
         for obj in {r.target_new for r in requests}:
-            align_for[obj] = steam.make_align(lm, build_anchor(lm, obj), lam, layers, centered)
+            a = (anchors or {}).get(obj) or build_anchor(lm, obj)
+            align_for[obj] = steam.make_align(lm, a, lam, layers, centered, bank=bank)
     z_init = _z_now(lm, requests, z_layer)
     deltas, losses = [], []
     clean = not active_edits(lm.model)
     for r in requests:
         align = align_for.get(r.target_new)
         key = (lm.fingerprint, id(lm.model), repr(r.to_rome()), repr(rhp),
-               None if align is None else (align.lam, tuple(align.layers),
-                                           align.center is not None))
+               None if align is None else (align.lam, tuple(align.layers), _digest(align)))
         v = _Z_CACHE.get(key) if clean else None
         if v is None:
             prep = rome.prepare(lm, r, rhp)
-            v = rome.compute_v(lm, prep, rhp, align=align)
+            v = rome.compute_v(lm, prep, rhp, align=align, early_stop_on="rome")
             if clean:
                 _Z_CACHE[key] = v
                 while len(_Z_CACHE) > 512:
@@ -218,6 +232,7 @@ def _register() -> None:
             layer = hparams.layer if layer is None else layer
             base = base.replace(
                 v_num_grad_steps=hparams.v_num_grad_steps, v_lr=hparams.v_lr,
+                early_stop_loss=hparams.early_stop_loss,
                 context_template_length_params=hparams.context_template_length_params,
                 seed=hparams.seed)
         if layer is not None:  # the range ends at the given layer

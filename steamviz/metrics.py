@@ -122,9 +122,12 @@ def tfidf_cosine(a: str, b: str) -> float:
 def reference_text(lm, obj: str, facts=None, relations=None, limit: int = 8,
                    max_new_tokens: int = 20) -> str:
     """Text about ``obj``: the (unedited) model's completions of reference facts whose
-    object is ``obj``, each prompt followed by the object. Compute it before editing."""
+    object is ``obj``, each prompt followed by the object. Compute it before editing: raises
+    :class:`~steamviz.edits.EditedModelError` while an edit is in place."""
     from .datasets import load_reference_facts
+    from .edits import require_unedited
 
+    require_unedited(lm.model, f"the reference text of {obj!r}")
     facts = facts if facts is not None else load_reference_facts()
     mine = [f for f in facts if f.object == obj][:limit]
     if not mine:

@@ -441,12 +441,14 @@ def clear_caches() -> None:
 
 
 def compute_v(lm, prep: Prepared, hp: ROMEHparams | None = None, align: Align | None = None,
-              early_stop_on: str = "total", lean: bool | None = None) -> VResult:
+              early_stop_on: str = "rome", lean: bool | None = None) -> VResult:
     """Optimise the delta at the edited projection's output (v* = v_init + delta).
 
     ``align``: an extra loss on residual streams at the predicting position of the rewrite
-    prompts (STEAM), weighted by ``align.lam``. ``early_stop_on``: ``"total"`` stops when the
-    whole objective falls below ``hp.early_stop_loss``; ``"rome"`` looks at NLL+KL+decay only.
+    prompts (STEAM), weighted by ``align.lam``. ``early_stop_on``: ``"rome"`` (default) stops
+    when NLL + KL + decay fall below ``hp.early_stop_loss``, so an alignment term does not
+    change when the optimisation stops; ``"total"`` includes it. ``hp.early_stop_loss = 0``
+    runs exactly ``hp.v_num_grad_steps`` steps (the matched budget sweeps use).
 
     Each step runs only the suffix tokens through the blocks above the edited one: block
     ``layer`` does not depend on the delta (it is added to its MLP output), so its output is
@@ -629,7 +631,7 @@ def apply(
     hparams: ROMEHparams | None = None,
     align: Align | None = None,
     method: str = "ROME",
-    early_stop_on: str = "total",
+    early_stop_on: str = "rome",
 ) -> WeightEdit:
     """Edit ``lm`` in place; returns a :class:`~steamviz.edits.WeightEdit` handle.
 

@@ -1,11 +1,11 @@
 """Second-moment statistics ``C = E[k k^T]`` of the keys entering an MLP output projection.
 
 ROME and MEMIT whiten their updates with ``C^-1``. Keys are read at the input of the edited
-projection over a text corpus (a folder of ``.txt`` files, e.g. ``../shared/data/text_corpus``)
+projection over a text corpus (a folder of ``.txt`` files, e.g. the ``wikitext`` data set)
 or over text the model samples itself (``corpus="model"``, fixed seed). Results are cached
 per (model fingerprint, layer, corpus fingerprint, token count) in the cache dir.
 
->>> C = second_moment(lm, layer=5, corpus=shared_data_dir() / "text_corpus",
+>>> C = second_moment(lm, layer=5, corpus=fetch.path("wikitext", "text_corpus"),
 ...                   n_tokens=100_000)                  # doctest: +SKIP
 >>> C.shape                                              # doctest: +SKIP
 torch.Size([1536, 1536])
@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from .arch import mlp_out_module
 from .capture import _Stop, hooks
-from .io import save_torch
+from .edits import require_unedited
+from .io import load_tensors, save_tensors
 from .models import cache_dir
 from .tokens import pad
 
@@ -100,12 +101,17 @@ def second_moment(
         files = corpus_files(corpus)
         cfp = corpus_fingerprint(files)
     key = f"{lm.fingerprint}-L{layer}-{cfp}-n{n_tokens}-s{seq_len}"
-    path = cache_dir() / "stats" / f"mom2-{key}.pt"
+    path = cache_dir() / "stats" / f"mom2-{key}.safetensors"
     if path.exists():
         try:
-            return torch.load(path, weights_only=True)
-        except Exception:
-            path.unlink(missing_ok=True)  # corrupt: recompute
+            t, meta = load_tensors(path)
+            C = t.get("C")
+            if meta.get("key") != key or C is None or C.dim() != 2 or C.shape[0] != C.shape[1]:
+                raise ValueError(f"{path}: not the statistics of {key}")
+            return C
+        except ValueError:
+            path.unlink(missing_ok=True)  # corrupt or foreign: recompute
+    require_unedited(lm.model, "second-moment statistics")
     chunks = (
         _chunks_from_model(lm, n_tokens, seq_len, seed)
         if files is None
@@ -141,7 +147,7 @@ def second_moment(
         bar.update(int(keep.sum()))
     bar.close()
     C = acc / max(count, 1)
-    save_torch(C, path)
+    save_tensors(path, {"C": C}, dict(kind="mom2", key=key, tokens=count))
     return C
 
 

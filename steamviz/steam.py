@@ -10,7 +10,7 @@
 {'lam': 20.0, 'layers': [8, ..., 20], 'centered': False, 'anchor_facts': 11}
 
 Measurement choice: residual streams of this model share a large common component, so raw
-cosines sit near 0.99 (``../shared/notes/latent-geometry.md``). ``centered=True`` subtracts
+cosines sit near 0.99 (``docs/latent-geometry.md``). ``centered=True`` subtracts
 the mean stream of the reference bank per layer before the cosine, in the loss as in the
 metrics. The default is the paper's raw cosine; lam must then be in the tens for SmolLM2.
 With ``lam = 0`` this is exactly ROME.
@@ -56,12 +56,16 @@ class AlignLoss:
         return torch.stack(terms).mean()
 
 
-def make_align(lm, anchor: Anchor, lam: float, layers, centered: bool = False) -> AlignLoss:
+def make_align(lm, anchor: Anchor, lam: float, layers, centered: bool = False,
+               bank=None) -> AlignLoss:
+    """The alignment term toward ``anchor``; ``centered`` subtracts ``bank``'s mean stream
+    (default: the reference bank of the unedited model)."""
     layers = sorted(set(int(x) for x in layers))
     phi = anchor.phi[layers].to(lm.device)
     center = None
     if centered:
-        center = reference_bank(lm).mean[layers].to(lm.device)
+        bank = reference_bank(lm) if bank is None else bank
+        center = bank.mean[layers].to(lm.device)
     return AlignLoss(lam=lam, layers=layers, phi=phi, center=center)
 
 
@@ -74,9 +78,17 @@ def apply(
     anchor: Anchor | None = None,
     hparams: rome.ROMEHparams | None = None,
     anchor_kw: dict | None = None,
-    early_stop_on: str = "total",
+    early_stop_on: str = "rome",
+    bank=None,
 ):
-    """Edit with STEAM-ROME; returns an undoable :class:`~steamviz.edits.WeightEdit`."""
+    """Edit with STEAM-ROME; returns an undoable :class:`~steamviz.edits.WeightEdit`.
+
+    ``anchor`` (default: built now for ``request.target_new``, leaving the edited subject
+    out) and ``bank`` (for ``centered``) must come from the unedited model: build them
+    before the first edit when edits are stacked. ``early_stop_on="rome"`` (default) stops
+    on ROME's own terms (NLL + KL + decay), as ROME does, so the alignment term does not buy
+    STEAM extra steps; ``"total"`` includes it. For a fixed, matched budget set
+    ``hparams.early_stop_loss = 0`` (what sweeps do)."""
     if isinstance(request, dict):
         request = EditRequest.from_dict(request)
     hp = hparams or rome.ROMEHparams.for_model(lm)
@@ -84,7 +96,7 @@ def apply(
     if anchor is None:
         anchor = build_anchor(lm, request.target_new, exclude_subjects=(request.subject,),
                               **(anchor_kw or {}))
-    align = make_align(lm, anchor, lam, layers, centered)
+    align = make_align(lm, anchor, lam, layers, centered, bank=bank)
     prep = rome.prepare(lm, request, hp)
     v = rome.compute_v(lm, prep, hp, align=align, early_stop_on=early_stop_on)
     return rome.write_update(
@@ -96,10 +108,11 @@ def apply(
 
 @register("steam-rome")
 def _steam(lm, request, lam: float = DEFAULT_LAM, layer: int | None = None, layers=None,
-           centered: bool = False, hparams=None, **hp):
+           centered: bool = False, hparams=None, anchor=None, bank=None, **hp):
     hparams = hparams or rome.ROMEHparams.for_model(lm)
     if layer is not None:
         hp["layer"] = layer
     if hp:
         hparams = hparams.replace(**hp)
-    return apply(lm, request, lam=lam, layers=layers, centered=centered, hparams=hparams)
+    return apply(lm, request, lam=lam, layers=layers, centered=centered, hparams=hparams,
+                 anchor=anchor, bank=bank)

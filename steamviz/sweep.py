@@ -57,6 +57,14 @@ class SweepConfig:
     knn_k: int = 10
     bank_size: int | None = None  # reference facts in the kNN / centring bank (None: all)
     seed: int = 0
+    # False: every v*-optimising method runs exactly hparams.v_num_grad_steps steps (a
+    # matched budget: STEAM's extra term buys it no extra steps). True: each stops early on
+    # ROME's own terms (NLL + KL + decay < early_stop_loss).
+    early_stop: bool = False
+    # candidate facts for anchors, controls and the bank: "project" (data/reference_facts
+    # .jsonl), "pool" (those plus LRE, ParaRel, Polyglot: steamviz.pool), or a facts file
+    # (JSON lines) added to the pool
+    reference_facts: str = "project"
     hparams: dict = field(default_factory=dict)  # ROME hyperparameter overrides
     batch_sizes: list = field(default_factory=lambda: [1])  # for batch editors (MEMIT)
     method_params: dict = field(default_factory=dict)  # {method: {param: value}}
@@ -105,6 +113,10 @@ class SweepConfig:
             for x in self.align_layers), "align_layers", 'a list of "default" or lists of ints')
         need(isinstance(self.centered, list) and all(isinstance(x, bool) for x in self.centered),
              "centered", "a list of booleans")
+        need(isinstance(self.early_stop, bool), "early_stop", "true or false")
+        need(isinstance(self.reference_facts, str) and (
+            self.reference_facts in ("project", "pool") or Path(self.reference_facts).is_file()),
+            "reference_facts", '"project", "pool" or the path of a facts file (JSON lines)')
         need(isinstance(self.batch_sizes, list) and self.batch_sizes and all(
             isinstance(x, int) and x > 0 for x in self.batch_sizes), "batch_sizes",
             "a non-empty list of positive integers")
@@ -237,10 +249,10 @@ class Runner:
 
         self.cfg = cfg
         self.lm = lm or load_model(cfg.model, device=cfg.device)
-        self.hp = ROMEHparams.for_model(self.lm).replace(seed=cfg.seed, **cfg.hparams)
-        self._pre: dict = {}
-        self._refs: dict = {}
-        self._anchors: dict = {}
+        budget = {} if cfg.early_stop else {"early_stop_loss": 0.0}  # matched: fixed steps
+        self.hp = ROMEHparams.for_model(self.lm).replace(**{"seed": cfg.seed, **budget,
+                                                            **cfg.hparams})
+        self._references = None
 
     def requests(self):
         from .datasets import load_named
@@ -248,28 +260,33 @@ class Runner:
         reqs = load_named(self.cfg.data, self.cfg.offset + self.cfg.n_edits)
         return reqs[self.cfg.offset :]
 
+    def references(self):
+        """Every anchor, the bank and the reference texts of this run, built from the
+        unedited model on first use -- which :func:`steamviz.executors.plan` makes happen
+        before any edit (the builders refuse an edited model)."""
+        if self._references is None:
+            from .references import build_references
+
+            facts = None
+            if self.cfg.reference_facts != "project":
+                from .pool import load_pool
+
+                extra = None if self.cfg.reference_facts == "pool" else self.cfg.reference_facts
+                facts = load_pool(extra=extra)
+            self._references = build_references(
+                self.lm, self.requests(), seeds=(self.cfg.seed,), bank_size=self.cfg.bank_size,
+                bank_seed=self.cfg.seed, texts=self.cfg.generation, facts=facts)
+        return self._references
+
     def bank(self):
-        from .anchors import reference_bank
+        return self.references().bank
 
-        return reference_bank(self.lm, limit=self.cfg.bank_size, seed=self.cfg.seed)
+    def anchor(self, obj: str):
+        return self.references().anchor(obj, self.cfg.seed)
 
-    def anchor(self, obj: str, subject: str):
-        from .anchors import AnchorError, build_anchor
-
-        key = (obj, subject)
-        if key not in self._anchors:
-            try:
-                self._anchors[key] = build_anchor(self.lm, obj, exclude_subjects=(subject,))
-            except AnchorError:
-                self._anchors[key] = None
-        return self._anchors[key]
-
-    def ref_text(self, obj: str):
-        from .metrics import reference_text
-
-        if obj not in self._refs:
-            self._refs[obj] = reference_text(self.lm, obj)
-        return self._refs[obj]
+    def missing_anchor(self, obj: str) -> str | None:
+        """Why ``obj`` has no anchor (None when it has one)."""
+        return self.references().missing.get((obj, self.cfg.seed))
 
     def align_layers(self, point: dict) -> list[int]:
         from .steam import default_layers
@@ -279,7 +296,8 @@ class Runner:
         return default_layers(self.lm, L) if al == "default" else list(al)
 
     def keys(self, req, point, batch: list | None = None) -> str:
-        extra = dict(gen=self.cfg.generation, tokens=self.cfg.max_new_tokens, k=self.cfg.knn_k)
+        extra = dict(gen=self.cfg.generation, tokens=self.cfg.max_new_tokens, k=self.cfg.knn_k,
+                     refs=self.references().digest)
         if self.cfg.bank_size is not None:
             extra["bank"] = self.cfg.bank_size
         if point.get("batch") is not None:  # a batch edit's row depends on its co-edits
@@ -292,33 +310,54 @@ class Runner:
                          self.cfg.seed, extra)
 
     def measure(self, req, point, edit_info: dict | None) -> dict:
+        """Every metric of ``req`` on the model as it is now. Integration columns are
+        measured against references built before any edit; without an anchor for the new
+        object, ``anchor_missing`` says why and they are absent."""
         from .integration import integration_rows
         from .metrics import evaluate
 
         cfg = self.cfg
-        ref = self.ref_text(req.target_new) if cfg.generation else None
+        refs = self.references()
+        ref = refs.text(req.target_new) if cfg.generation else None
         row = evaluate(self.lm, req, generation=cfg.generation, ref_text=ref,
                        max_new_tokens=cfg.max_new_tokens)
-        anchor = self.anchor(req.target_new, req.subject)
-        if anchor is not None:
-            old = self.anchor(req.target_true, req.subject) if req.target_true else None
-            layers = self.align_layers(point)
-            integ = integration_rows(self.lm, req, anchor, self.bank(), layers, old_anchor=old,
-                                     k=cfg.knn_k)
-            row.update(integ)
-            row["anchor_facts"] = anchor.n
+        anchor = self.anchor(req.target_new)
+        if anchor is None:
+            row["anchor_missing"] = self.missing_anchor(req.target_new)
+            return row
+        old = self.anchor(req.target_true) if req.target_true else None
+        integ = integration_rows(self.lm, req, anchor, refs.bank, self.align_layers(point),
+                                 old_anchor=old, k=cfg.knn_k,
+                                 controls=refs.controls(req.target_new, cfg.seed))
+        row.update(integ)
+        row["anchor_facts"] = anchor.n
+        row["control_objects"] = len(refs.controls(req.target_new, cfg.seed))
         return row
 
-    def edit_kwargs(self, point) -> dict:
-        """Keyword arguments of :func:`steamviz.editors.edit` for a grid point."""
+    def edit_kwargs(self, point, reqs: list | None = None) -> dict:
+        """Keyword arguments of :func:`steamviz.editors.edit` (or ``edit_batch``) for a grid
+        point; STEAM methods get the run's anchors and bank (built before any edit)."""
         m = point["method"]
         kw = dict(self.cfg.method_params.get(m) or {})
         if m in LAYER_METHODS:
             kw.update(layer=point["layer"], hparams=self.hp)
         if m in LAMBDA_METHODS:
             kw.update(lam=point["lam"], layers=self.align_layers(point),
-                      centered=point["centered"])
+                      centered=point["centered"], bank=self.bank())
+            anchors = {r.target_new: self.anchor(r.target_new) for r in reqs or []}
+            if m in BATCH_METHODS:
+                kw["anchors"] = anchors
+            elif reqs:
+                kw["anchor"] = anchors[reqs[0].target_new]
         return kw
+
+    def skipped(self, reqs: list, point) -> str | None:
+        """Why this unit cannot run (a STEAM point whose new object has no anchor), or None."""
+        if point["method"] not in LAMBDA_METHODS:
+            return None
+        why = [f"{r.target_new!r}: {self.missing_anchor(r.target_new)}" for r in reqs
+               if self.anchor(r.target_new) is None]
+        return "no anchor for " + "; ".join(why) if why else None
 
     def run_point(self, req, point) -> dict:
         """Edit with one request, measure it, undo; one row."""
@@ -329,12 +368,17 @@ class Runner:
         measure every request while the edit is in place, undo; one row per request."""
         from .editors import edit, edit_batch
 
+        self.references()  # before any edit, whichever unit runs first
         t0 = time.perf_counter()
         info: dict = {}
-        if point["method"] == "unedited":
+        skip = self.skipped(reqs, point)
+        if skip:
+            rows = [dict(case_id=r.case_id, subject=r.subject, target_new=r.target_new,
+                         target_true=r.target_true, skipped=skip) for r in reqs]
+        elif point["method"] == "unedited":
             rows = [self.measure(r, point, None) for r in reqs]
         else:
-            kw = self.edit_kwargs(point)
+            kw = self.edit_kwargs(point, reqs)
             t = time.perf_counter()
             ctx = (edit_batch(self.lm, reqs, point["method"], **kw) if point.get("batch")
                    else edit(self.lm, reqs[0], point["method"], **kw))
@@ -413,9 +457,13 @@ def _fmt(x) -> str:
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean metrics per grid point (method, lambda, layer, alignment set, centring, batch)."""
+    """Mean metrics per grid point (method, lambda, layer, alignment set, centring, batch).
+    Integration columns are held out (paraphrases); ``*_trained`` is the rewrite prompt and
+    ``*_control`` the same measurement against other objects' anchors. For paired
+    differences with confidence intervals use :func:`steamviz.compare.paired`."""
     cols = [c for c in ["efficacy", "paraphrase", "neighborhood", "portability", "fluency",
-                        "consistency", "cos_raw", "cos_centered", "knn_share", "axis",
+                        "consistency", "cos_raw", "cos_centered", "cos_centered_control",
+                        "cos_centered_trained", "knn_share", "axis", "steps", "final_nll",
                         "edit_seconds"] if c in df.columns]
     by = ["method", "lam", "layer", "align_layers", "centered"]
     d = df.copy()

@@ -178,17 +178,27 @@ class EditPanel:
         req = EditRequest(prompt=self.prompt.value, subject=self.subject.value,
                           target_new=self.target.value)
         prompts = [req.rewrite_prompt]
+        try:  # the anchor is read from the unedited model, before the edit
+            anchor, why = build_anchor(self.lm, req.target_new,
+                                       exclude_subjects=(req.subject,)), None
+        except AnchorError as e:
+            anchor, why = None, e
         before = greedy(self.lm, prompts, 12)[0]
         h_pre = last_streams(self.lm, prompts)[0]
-        with edit(self.lm, req, self.methods.value, **self.params):
+        params = dict(self.params)
+        if anchor is not None and self.methods.value == "steam-rome":
+            params.setdefault("anchor", anchor)
+        with edit(self.lm, req, self.methods.value, **params):
             after = greedy(self.lm, prompts, 12)[0]
             h_post = last_streams(self.lm, prompts)[0]
         self.result = dict(before=before, after=after)
         self.out.clear_output()
         with self.out:
             print(f"before: {req.rewrite_prompt}{before}\nafter:  {req.rewrite_prompt}{after}")
-        try:
-            a = build_anchor(self.lm, req.target_new)
+            if anchor is None:
+                print(f"(no anchor: {why})")
+        if anchor is not None:
+            a = anchor
             cos = lambda h: (  # noqa: E731
                 np.asarray(np.sum(h.numpy() * a.phi.numpy(), -1)
                            / (np.linalg.norm(h.numpy(), axis=-1)
@@ -199,7 +209,4 @@ class EditPanel:
                 self.fig.add_scatter(y=cos(h_post), name="after")
                 self.fig.update_yaxes(title=f"cosine to {req.target_new!r} anchor")
             self.result["cos_after"] = cos(h_post)
-        except AnchorError as e:
-            with self.out:
-                print(f"(no anchor: {e})")
         return self.result

@@ -22,14 +22,14 @@ from steamviz.datasets import (
     load_requests,
     load_zsre,
 )
-from steamviz.paths import data_dir, shared_data_dir
+from steamviz import fetch
+from steamviz.paths import data_dir
 from steamviz.requests import EditRequest, RequestError
 
-SHARED = shared_data_dir(required=False)
-needs_shared = pytest.mark.skipif(
-    SHARED is None,
-    reason="shared evaluation data (../shared/data or $STEAMVIZ_SHARED_DATA) not found",
-)
+_WHY = [w for w in (fetch.available(n) for n in ("counterfact", "zsre", "mquake", "lre",
+                                                  "pararel")) if w]
+SHARED = None if _WHY else fetch.data_root()
+needs_shared = pytest.mark.skipif(SHARED is None, reason=_WHY[0] if _WHY else "")
 
 
 def write_json(path: Path, data) -> Path:

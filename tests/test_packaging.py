@@ -105,3 +105,11 @@ def test_ruff_is_clean():
     out = subprocess.run([sys.executable, "-m", "ruff", "check", "steamviz", "tests",
                           "benchmarks"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:]
+
+
+def test_no_module_or_notebook_points_outside_the_repository():
+    bad = []
+    for p in list((ROOT / "steamviz").rglob("*.py")) + list((ROOT / "notebooks").glob("*.ipynb")):
+        if "shared/notes" in p.read_text():
+            bad.append(p.name)
+    assert not bad, f"these refer to ../shared/notes (outside the repository): {bad}"

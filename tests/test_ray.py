@@ -72,13 +72,14 @@ def test_import_and_local_executor_do_not_import_ray(tmp_path):
     assert out.stdout.strip() == "False"
 
 
-def test_ray_extra_is_declared_and_in_environment_yml():
+def test_ray_extra_is_declared_and_locked():
     proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert any(d.startswith("ray") for d in proj["optional-dependencies"]["ray"])
+    lock = (ROOT / "requirements-lock.txt").read_text()
+    assert re.search(r"^ray==", lock, re.M)  # so CI and the conda environment install it
     pip = [d for d in yaml.safe_load((ROOT / "environment.yml").read_text())["dependencies"]
            if isinstance(d, dict)][0]["pip"]
-    assert any(re.match(r"ray\b", x) for x in pip)
-    assert "[dev,ray]" in (ROOT / "scripts" / "_env.sh").read_text()  # so CI runs this file
+    assert "-r requirements-lock.txt" in pip
 
 
 # -- on a Ray instance -------------------------------------------------------------------------

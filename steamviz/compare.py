@@ -1,0 +1,130 @@
+"""Paired comparisons of editing methods: per-edit differences (method - baseline), bootstrap
+95% confidence intervals and a sign-flip permutation test.
+
+Every method of a sweep edits the same requests, so each request is its own control: the
+difference ``method - baseline`` is taken per request (``case_id``) and summarised.
+
+>>> import pandas as pd
+>>> df = pd.DataFrame(dict(case_id=[1, 2, 3, 1, 2, 3], method=["rome"] * 3 + ["steam-rome"] * 3,
+...                        lam=[None] * 3 + [20.0] * 3, cos=[0.1, 0.2, 0.3, 0.2, 0.3, 0.5]))
+>>> t = paired(df, ["cos"], n_boot=2000)
+>>> t[["method", "lam", "metric", "n", "diff"]].round(3).values.tolist()
+[['steam-rome', 20.0, 'cos', 3, 0.133]]
+>>> ci_mean([1.0, 1.0, 1.0])
+(1.0, 1.0, 1.0)
+"""
+
+from __future__ import annotations
+
+from itertools import product
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+#: the columns that name a grid point (a method's setting), present or not in a frame
+POINT_COLUMNS = ("method", "lam", "layer", "align_layers", "centered", "batch")
+
+
+def ci_mean(x, n_boot: int = 10_000, level: float = 0.95, seed: int = 0
+            ) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of ``x`` and its percentile-bootstrap interval."""
+    x = np.asarray(x, dtype=float)
+    x = x[~np.isnan(x)]
+    if len(x) == 0:
+        return (float("nan"),) * 3
+    m = float(x.mean())
+    if len(x) == 1 or np.all(x == x[0]):
+        return m, m, m
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(1)
+    a = (1 - level) / 2
+    return m, float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def sign_flip_p(d, n_perm: int = 10_000, seed: int = 0) -> float:
+    """Two-sided p-value of a mean paired difference ``d`` against 0: the share of random
+    sign flips whose |mean| is at least the observed one (exact enumeration up to 16 pairs;
+    the observed assignment counts, so p > 0)."""
+    d = np.asarray(d, dtype=float)
+    d = d[~np.isnan(d)]
+    if len(d) == 0:
+        return float("nan")
+    obs = abs(d.mean())
+    if np.all(d == 0):
+        return 1.0
+    if len(d) <= 16:
+        signs = np.array(list(product((1.0, -1.0), repeat=len(d))))
+        return float((np.abs((signs * d).mean(1)) >= obs - 1e-12).mean())
+    rng = np.random.default_rng(seed)
+    signs = rng.choice((1.0, -1.0), size=(n_perm, len(d)))
+    hits = (np.abs((signs * d).mean(1)) >= obs - 1e-12).sum()
+    return float((hits + 1) / (n_perm + 1))
+
+
+def _groups(df: pd.DataFrame, baseline: str):
+    """``(point, rows)`` for each grid point of ``df`` other than the baseline method."""
+    cols = [c for c in POINT_COLUMNS if c in df.columns]
+    rest = df[df.method != baseline]
+    keyed = rest.assign(**{c: rest[c].astype(str) for c in cols})  # NaN-safe grouping
+    for _, g in keyed.groupby(cols, sort=False, dropna=False):
+        g = df.loc[g.index]
+        yield {c: g[c].iloc[0] for c in cols}, g
+
+
+def paired(df: pd.DataFrame, metrics: Sequence[str], baseline: str = "rome",
+           n_boot: int = 10_000, seed: int = 0) -> pd.DataFrame:
+    """One row per (grid point other than the baseline, metric): the number of paired edits
+    ``n``, the mean difference ``diff`` (point - baseline) with its bootstrap 95% CI
+    ``low``/``high``, the sign-flip ``p``, and both means. Pairs are matched on ``case_id``
+    (and the baseline's other columns do not matter: it must have one row per case)."""
+    if "case_id" not in df.columns:
+        raise ValueError("paired comparisons need a case_id column")
+    base = df[df.method == baseline]
+    if base.case_id.duplicated().any():
+        raise ValueError(f"the baseline {baseline!r} has several rows per case_id; select one "
+                         "grid point of it first")
+    base = base.set_index("case_id")
+    out = []
+    for point, g in _groups(df, baseline):
+        g = g.set_index("case_id")
+        for m in metrics:
+            if m not in g.columns or m not in base.columns:
+                continue
+            a, b = g[m].astype(float), base[m].astype(float)
+            common = a.index.intersection(b.index)
+            d = (a.loc[common] - b.loc[common]).dropna()
+            mean, lo, hi = ci_mean(d.values, n_boot=n_boot, seed=seed)
+            out.append(dict(point, metric=m, n=len(d), diff=mean, low=lo, high=hi,
+                            p=sign_flip_p(d.values, seed=seed),
+                            mean=float(a.loc[d.index].mean()) if len(d) else float("nan"),
+                            baseline_mean=float(b.loc[d.index].mean()) if len(d)
+                            else float("nan")))
+    return pd.DataFrame(out)
+
+
+def paired_layers(df: pd.DataFrame, col: str, baseline: str = "rome", n_boot: int = 4000,
+                  seed: int = 0) -> pd.DataFrame:
+    """Per layer: the paired difference of a per-layer column (``*_layers``: a list per row)
+    between each grid point and the baseline, with its bootstrap 95% CI."""
+    def arr(v):
+        if isinstance(v, str):
+            import json
+
+            v = json.loads(v)
+        return np.asarray(v, dtype=float) if v is not None and not (
+            isinstance(v, float) and np.isnan(v)) else None
+
+    base = {r.case_id: arr(getattr(r, col)) for r in df[df.method == baseline].itertuples()}
+    out = []
+    for point, g in _groups(df, baseline):
+        diffs = [a - base[c] for c, a in ((r.case_id, arr(getattr(r, col)))
+                                          for r in g.itertuples())
+                 if a is not None and base.get(c) is not None]
+        if not diffs:
+            continue
+        D = np.stack(diffs)  # [pair, layer]
+        for layer in range(D.shape[1]):
+            mean, lo, hi = ci_mean(D[:, layer], n_boot=n_boot, seed=seed)
+            out.append(dict(point, layer_index=layer, n=len(D), diff=mean, low=lo, high=hi))
+    return pd.DataFrame(out)

@@ -1,0 +1,184 @@
+"""The reference-fact pool: anchors for (almost) any object.
+
+STEAM builds a new object's anchor from facts the unedited model knows about it. The
+project's own facts (``data/reference_facts.jsonl``) cover 318 objects; the pool adds the
+public triples of the data mirror:
+
+- **Polyglot** (fact completion, English): CounterFact's and CalinET's true facts, with their
+  own prompts and Wikidata relation ids;
+- **ParaRel**: T-REx facts of 41 Wikidata relations, with a completion pattern each;
+- **LRE** (factual relations): (subject, object) samples with a prompt template;
+- a user's own facts file (JSON lines ``{"subject", "relation", "object", "template"}``).
+
+Relations are named by Wikidata id where the source's name maps to one (so ``city_in_country``
+of LRE and ``P17`` of ParaRel are one stratum when anchors sample by relation); a fact seen in
+several sources (same subject and object) is kept once, from the first source in the order
+above after the project's own. Facts are *candidates*: an anchor keeps only those the
+unedited model recalls (:func:`steamviz.anchors.build_anchor`).
+
+>>> facts = load_pool()                                          # doctest: +SKIP
+>>> rep = coverage(lm, load_named("counterfact"), facts)          # doctest: +SKIP
+>>> rep["share"]                                                  # doctest: +SKIP
+
+Command line: ``steamviz pool --data counterfact`` prints the coverage of a request set.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from .datasets import Fact, load_lre, load_pararel, load_reference_facts
+from .requests import RequestError
+
+SOURCES = ("project", "polyglot", "pararel", "lre")
+
+#: project and LRE relation names -> Wikidata ids (one stratum per relation)
+RELATION_IDS = {
+    # the project's relations.json
+    "country_capital": "P36", "city_country": "P17", "landmark_country": "P17",
+    "country_language": "P37", "country_continent": "P30", "company_country": "P17",
+    "food_country": "P495", "landmark_city": "P131", "city_state": "P131",
+    "country_currency": "P38",
+    # LRE factual/
+    "city_in_country": "P17", "country_capital_city": "P36", "landmark_in_country": "P17",
+    "landmark_on_continent": "P30", "person_native_language": "P103",
+    "person_occupation": "P106", "person_plays_instrument": "P1303",
+    "person_plays_position_in_sport": "P413", "person_plays_pro_sport": "P641",
+    "company_hq": "P159", "product_by_company": "P176", "food_from_country": "P495",
+    "person_university": "P69", "star_constellation": "P59", "company_ceo": "P169",
+}
+
+
+def _renamed(facts, source: str) -> list[Fact]:
+    return [Fact(f.subject, RELATION_IDS.get(f.relation, f.relation), f.object, f.template)
+            for f in facts]
+
+
+def load_polyglot(path) -> list[Fact]:
+    """Polyglot-or-Not English fact completion (JSON lines): subject, relation (Wikidata id),
+    the true object, and the stem with the subject's first occurrence as the template. Rows
+    whose stem does not contain the subject, or holds braces, are skipped."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        stem, subj, obj = r.get("stem", ""), str(r.get("subject", "")).strip(), \
+            str(r.get("true", "")).strip()
+        if not subj or not obj or subj not in stem or "{" in stem or "}" in stem:
+            continue
+        i = stem.index(subj)
+        template = (stem[:i] + "{}" + stem[i + len(subj):]).strip()
+        try:
+            out.append(Fact(subj, str(r["relation"]), obj, template))
+        except RequestError:
+            continue
+    return out
+
+
+def load_user_facts(path) -> list[Fact]:
+    """A user's facts file: JSON lines ``{"subject", "relation", "object", "template"}``
+    (template with one ``{}``). A bad record raises, naming its line."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            out.append(Fact(str(r["subject"]).strip(), str(r["relation"]), str(r["object"]).strip(),
+                            r["template"]))
+        except (ValueError, KeyError, TypeError, RequestError) as e:
+            raise RequestError(f"{path}: line {n}: not a fact ({type(e).__name__}: {e}); "
+                               'expected {"subject", "relation", "object", "template"}') from None
+    return out
+
+
+def load_pool(sources=SOURCES, extra=None) -> list[Fact]:
+    """Every candidate reference fact of ``sources`` (plus the facts file ``extra``),
+    deduplicated by (subject, object). Public sources come through :mod:`steamviz.fetch`."""
+    from . import fetch
+
+    unknown = set(sources) - set(SOURCES)
+    if unknown:
+        raise ValueError(f"unknown pool sources {sorted(unknown)}; choose from {SOURCES}")
+    parts: list[list[Fact]] = []
+    if extra is not None:
+        parts.append(load_user_facts(extra))
+    for src in SOURCES:
+        if src not in sources:
+            continue
+        if src == "project":
+            parts.append(_renamed(load_reference_facts(), src))
+        elif src == "polyglot":
+            parts.append(load_polyglot(fetch.path(
+                "polyglot", "polyglot_fact_completion_en/en-fact-completion-3-21-23.jsonl")))
+        elif src == "pararel":
+            parts.append(load_pararel(fetch.path("pararel", "pararel")))
+        elif src == "lre":
+            parts.append(_renamed(load_lre(fetch.path("lre", "lre_relations/factual")), src))
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for facts in parts:
+        for f in facts:
+            if (f.subject, f.object) not in seen:
+                seen.add((f.subject, f.object))
+                out.append(f)
+    return out
+
+
+def candidates(facts, per_relation: int | None = 30, seed: int = 0) -> list[Fact]:
+    """At most ``per_relation`` facts per (object, relation), sampled with ``seed`` (bounds the
+    recall checks of very common objects: ParaRel holds thousands of facts for 'English')."""
+    if per_relation is None:
+        return list(facts)
+    groups: dict[tuple[str, str], list[Fact]] = defaultdict(list)
+    for f in facts:
+        groups[(f.object, f.relation)].append(f)
+    out = []
+    for key in sorted(groups):
+        g = groups[key]
+        if len(g) > per_relation:
+            g = random.Random(f"{seed}:{key[0]}:{key[1]}").sample(g, per_relation)
+        out += g
+    return out
+
+
+def coverage(lm, requests, facts, min_facts: int = 3, per_relation: int | None = 30,
+             seed: int = 0, log=None) -> dict:
+    """How many ``requests`` get an anchor for their new object from ``facts``: at least
+    ``min_facts`` recalled facts, leaving every request's subject out (as a run does).
+    Returns counts, the share, how many of the anchored rest on a single relation, and per
+    request the reason when there is none."""
+    from .anchors import recalled
+
+    excluded = {r.subject for r in requests}
+    objects = {r.target_new for r in requests}
+    mine = candidates([f for f in facts if f.object in objects and f.subject not in excluded],
+                      per_relation, seed)
+    if log:
+        log(f"[pool] recall check of {len(mine):,} candidate facts for {len(objects)} objects")
+    ok = recalled(lm, mine)
+    found: Counter = Counter(f.object for f in mine)
+    rec: dict[str, list[Fact]] = defaultdict(list)
+    for f, r in zip(mine, ok):
+        if r:
+            rec[f.object].append(f)
+    rows, anchored, single = [], 0, 0
+    for r in requests:
+        good = rec.get(r.target_new, [])
+        rels = {f.relation for f in good}
+        has = len(good) >= min_facts
+        anchored += has
+        single += has and len(rels) == 1
+        why = None if has else (
+            f"no candidate facts for {r.target_new!r}" if not found[r.target_new] else
+            f"{len(good)} of {found[r.target_new]} candidate facts recalled (need {min_facts})")
+        rows.append(dict(case_id=r.case_id, object=r.target_new, recalled=len(good),
+                         relations=len(rels), anchored=has, reason=why))
+    n = len(requests)
+    return dict(requests=n, anchored=anchored, share=anchored / n if n else float("nan"),
+                single_relation=single, candidates=len(mine), recalled=sum(ok),
+                objects=len(objects), rows=rows)

@@ -1,0 +1,53 @@
+"""Paired comparisons: per-edit differences, bootstrap intervals and the sign-flip test."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from steamviz.compare import ci_mean, paired, paired_layers, sign_flip_p
+
+
+def test_sign_flip_is_exact_for_small_samples():
+    assert sign_flip_p([1.0, 1.0, 1.0, 1.0]) == pytest.approx(2 / 16)
+    assert sign_flip_p([0.5, 0.2, 0.1, 0.3, 0.4]) == pytest.approx(2 / 32)
+    assert sign_flip_p([1.0, -1.0, 1.0, -1.0]) == 1.0
+    assert sign_flip_p([0.0, 0.0]) == 1.0
+
+
+def test_sign_flip_monte_carlo_agrees_with_a_t_like_effect():
+    rng = np.random.default_rng(0)
+    assert sign_flip_p(rng.normal(1.0, 1.0, 50)) < 0.001
+    assert sign_flip_p(rng.normal(0.0, 1.0, 50)) > 0.01
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    small = ci_mean(rng.normal(0.3, 1.0, 20))
+    large = ci_mean(rng.normal(0.3, 1.0, 2000))
+    assert small[1] < small[0] < small[2] and large[1] < 0.3 < large[2]
+    assert (large[2] - large[1]) < (small[2] - small[1]) / 5
+
+
+def test_paired_matches_cases_not_rows():
+    df = pd.DataFrame(dict(
+        case_id=[1, 2, 3, 3, 1, 2, 4],
+        method=["rome"] * 3 + ["steam-rome"] * 4,
+        lam=[None] * 3 + [20.0] * 4,
+        cos=[0.1, 0.2, 0.3, 0.6, 0.2, 0.2, 9.0]))  # case 4 has no baseline: left out
+    t = paired(df, ["cos"], n_boot=500).iloc[0]
+    assert t.n == 3 and t["diff"] == pytest.approx((0.1 + 0.0 + 0.3) / 3)
+    assert t.low <= t["diff"] <= t.high and t.p == pytest.approx(4 / 8)
+    with pytest.raises(ValueError, match="several rows per case_id"):
+        paired(pd.concat([df, df[df.method == "rome"]]), ["cos"])
+
+
+def test_paired_layers_gives_a_band_per_layer():
+    rows = []
+    for c in range(6):
+        rows.append(dict(case_id=c, method="rome", lam=None, x_layers=[0.0, 0.0, 0.0]))
+        rows.append(dict(case_id=c, method="steam-rome", lam=50.0,
+                         x_layers=[0.0, 0.1 * c, 1.0]))
+    t = paired_layers(pd.DataFrame(rows), "x_layers", n_boot=500)
+    assert t.layer_index.tolist() == [0, 1, 2] and set(t.n) == {6}
+    assert t["diff"].tolist() == pytest.approx([0.0, 0.25, 1.0])
+    assert t.low[1] < 0.25 < t.high[1] and t.low[2] == t.high[2] == 1.0

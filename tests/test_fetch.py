@@ -1,0 +1,205 @@
+"""Fetching public data: from a mirror served over HTTP on loopback, checked by sha256,
+resumed after an interruption, and one clear message without any source."""
+
+import hashlib
+import http.server
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from steamviz import fetch
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves ``server.files`` ({path: bytes}); honours Range; can cut a response short."""
+
+    def do_GET(self):  # noqa: N802
+        srv = self.server
+        srv.seen.append((self.path, self.headers.get("Range")))
+        body = srv.files.get(self.path.lstrip("/"))
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and srv.ranges:
+            start = int(rng.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        chunk = body[start:]
+        if srv.cut_after is not None:  # the connection drops mid-way, once
+            self.wfile.write(chunk[: srv.cut_after])
+            self.wfile.flush()
+            srv.cut_after = None
+            self.close_connection = True
+            return
+        self.wfile.write(chunk)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture()
+def server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.files, srv.seen, srv.cut_after, srv.ranges = {}, [], None, True
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture()
+def one_file(monkeypatch, tmp_path):
+    """A data set 'toy' of one 1 MiB file, with the cache in tmp_path."""
+    f = fetch.File(path="toy/blob.bin", size=len(PAYLOAD),
+                   sha256=hashlib.sha256(PAYLOAD).hexdigest(), url=None)
+    monkeypatch.setattr(fetch, "sources", lambda: {"toy": dict(description="toy", license="-",
+                                                               files=[f])})
+    monkeypatch.setenv("STEAMVIZ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(fetch.MIRROR_ENV, raising=False)
+    return f
+
+
+def _mirror(monkeypatch, srv):
+    monkeypatch.setenv(fetch.MIRROR_ENV, f"http://127.0.0.1:{srv.server_address[1]}/m")
+
+
+def test_fetch_from_an_http_mirror_checks_and_caches(server, one_file, monkeypatch):
+    server.files["m/toy/blob.bin"] = PAYLOAD
+    _mirror(monkeypatch, server)
+    root = fetch.get("toy")
+    assert (root / "toy/blob.bin").read_bytes() == PAYLOAD
+    assert fetch.status("toy") == "cached" and fetch.available("toy") is None
+    n = len(server.seen)
+    fetch.get("toy")  # verified in the cache: no request
+    assert len(server.seen) == n
+    assert not list((root / "toy").glob("*.part"))
+
+
+def test_a_checksum_mismatch_is_refused_and_deleted(server, one_file, monkeypatch):
+    server.files["m/toy/blob.bin"] = PAYLOAD[:-1] + b"X"
+    _mirror(monkeypatch, server)
+    with pytest.raises(fetch.ChecksumError, match="expected .*refused and deleted"):
+        fetch.get("toy")
+    root = fetch.data_root()
+    assert not (root / "toy/blob.bin").exists() and not list((root / "toy").glob("*.part"))
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(server, one_file, monkeypatch):
+    server.files["m/toy/blob.bin"] = PAYLOAD
+    server.cut_after = 300_000
+    _mirror(monkeypatch, server)
+    with pytest.raises(fetch.DataError):
+        fetch.get("toy", timeout=5)
+    part = fetch.data_root() / "toy/blob.bin.part"
+    assert part.stat().st_size == 300_000 and not (fetch.data_root() / "toy/blob.bin").exists()
+    fetch.get("toy", timeout=5)
+    assert (fetch.data_root() / "toy/blob.bin").read_bytes() == PAYLOAD
+    assert server.seen[-1][1] == "bytes=300000-"  # only the rest was asked for
+
+
+def test_no_source_gives_one_message_naming_the_mirror_variable(one_file, monkeypatch):
+    # a public URL that cannot be reached (nothing listens on this port) and no mirror
+    f = fetch.File(path="toy/blob.bin", size=len(PAYLOAD), sha256=one_file.sha256,
+                   url="http://127.0.0.1:9/blob.bin")
+    monkeypatch.setattr(fetch, "sources", lambda: {"toy": dict(description="toy", license="-",
+                                                               files=[f])})
+    with pytest.raises(fetch.DataError, match=r"could not fetch toy/blob.bin: public URL .*"
+                                              r"Without internet, set STEAMVIZ_DATA_MIRROR"):
+        fetch.get("toy", timeout=5)
+    # loading never downloads: it names the command to run
+    with pytest.raises(fetch.DataError, match=r"steamviz data get toy"):
+        fetch.path("toy")
+
+
+def test_loading_copies_from_a_mirror_folder_and_checks_it(one_file, monkeypatch, tmp_path):
+    m = tmp_path / "mirror"
+    (m / "toy").mkdir(parents=True)
+    (m / "toy/blob.bin").write_bytes(PAYLOAD)
+    monkeypatch.setenv(fetch.MIRROR_ENV, str(m))
+    assert fetch.status("toy") == "in mirror"
+    p = fetch.path("toy", "toy/blob.bin")
+    assert p.read_bytes() == PAYLOAD and p.parent.parent == fetch.data_root()
+
+
+def test_the_manifest_covers_the_public_sets_with_checksums():
+    src = fetch.sources()
+    assert {"counterfact", "mquake", "zsre", "lre", "pararel", "polyglot", "wikitext"} <= set(src)
+    for name, s in src.items():
+        assert s["files"], name
+        for f in s["files"]:
+            assert len(f.sha256) == 64 and f.size > 0
+            assert f.url is None or f.url.startswith("https://raw.githubusercontent.com/")
+    # every file the project loads by name has a public URL
+    cf = {f.path: f for f in src["counterfact"]["files"]}
+    assert cf["counterfact_easyedit/counterfact-val.json"].url
+
+
+def test_the_manifest_matches_the_mirror_when_present():
+    """Each file of the manifest that the mirror holds has the manifest's size and sha256."""
+    from conftest import data_missing
+
+    if data_missing("counterfact"):
+        pytest.skip("no data mirror here")
+    root = Path(fetch.mirror()) if fetch.mirror() else None
+    if root is None:
+        pytest.skip("no data mirror folder set")
+    for s in fetch.sources().values():
+        for f in s["files"]:
+            p = root / f.path
+            if p.is_file():
+                assert p.stat().st_size == f.size, f.path
+                assert hashlib.sha256(p.read_bytes()).hexdigest() == f.sha256, f.path
+
+
+def test_data_cli_lists_and_refuses_unknown_names(tmp_path):
+    env = {"STEAMVIZ_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "steamviz", "data", "list"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "counterfact" in out.stdout and "not fetched" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "steamviz", "data", "get", "nosuch"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown data set 'nosuch'" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "steamviz", "--version"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("steamviz ")
+    json.dumps(fetch.table())  # the listing is plain data
+
+
+def test_named_data_reads_through_the_fetch_layer(tmp_path, monkeypatch):
+    from steamviz.datasets import load_named
+
+    monkeypatch.setenv("STEAMVIZ_CACHE", str(tmp_path / "empty"))
+    mirror = fetch.mirror()
+    monkeypatch.delenv(fetch.MIRROR_ENV, raising=False)
+    with pytest.raises(fetch.DataError, match="steamviz data get counterfact"):
+        load_named("counterfact", 2)
+    if not mirror or not Path(mirror, "counterfact_easyedit").is_dir():
+        pytest.skip("no data mirror folder here")
+    monkeypatch.setenv(fetch.MIRROR_ENV, mirror)
+    reqs = load_named("counterfact", 2)
+    assert len(reqs) == 2 and reqs[0].target_new
+    assert (tmp_path / "empty/data/counterfact_easyedit/counterfact-val.json").is_file()
+
+
+def test_doctor_reports_each_check_with_its_fix(tmp_path):
+    env = {"STEAMVIZ_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "steamviz", "doctor"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert "data: counterfact" in out.stdout and "fix: steamviz data get counterfact" in out.stdout
+    for what in ("default model", "data mirror", "chromium", "torch", "transformers"):
+        assert what in out.stdout
+    assert out.returncode in (0, 1) and "Traceback" not in out.stderr

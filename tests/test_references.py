@@ -1,0 +1,219 @@
+"""Evidence a paper can use: references come from the unedited model only, whatever the run
+order; ROME and STEAM get the same step budget; integration is measured on held-out prompts
+with a control; caches hold no pickle."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from steamviz import anchors, rome
+from steamviz.anchors import Anchor, build_anchor, recalled, reference_bank
+from steamviz.datasets import Fact
+from steamviz.edits import Edit, EditedModelError
+from steamviz.metrics import reference_text
+from steamviz.references import build_references
+from steamviz.requests import EditRequest
+from steamviz.rome import ROMEHparams
+from steamviz.steam import AlignLoss
+from steamviz.sweep import Store, SweepConfig, run_sweep
+
+FACTS = [Fact(s, "capital_of", "Japan", "{} is the capital of") for s in
+         ("Tokyo", "Kyoto", "Osaka", "Nara")] + [
+    Fact(s, "capital_of", "France", "{} is the capital of") for s in
+    ("Paris", "Lyon", "Nice", "Lille")]
+REQ = EditRequest(prompt="The capital city of {} is", subject="France", target_new="Rome",
+                  target_true="Paris", paraphrase_prompts=["{} has its capital in"])
+
+
+def test_every_reference_builder_refuses_an_edited_model(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("STEAMVIZ_CACHE", str(tmp_path))
+    # cached while unedited: the refusal does not depend on the cache state
+    build_anchor(tiny, "Japan", facts=FACTS, require_recall=False)
+    e = Edit(tiny.model, "probe")  # any edit in place, weights or hooks
+    try:
+        for build in (
+            lambda: build_anchor(tiny, "Japan", facts=FACTS, require_recall=False),
+            lambda: build_anchor(tiny, "Japan", facts=FACTS, require_recall=False,
+                                 use_cache=False),
+            lambda: reference_bank(tiny, facts=FACTS),
+            lambda: recalled(tiny, FACTS),
+            lambda: reference_text(tiny, "Japan", facts=FACTS),
+            lambda: build_references(tiny, [REQ], facts=FACTS),
+        ):
+            with pytest.raises(EditedModelError, match="unedited model.*Build references before"):
+                build()
+    finally:
+        e.restore()
+    a = build_anchor(tiny, "Japan", facts=FACTS, require_recall=False)
+    assert a.n == 4 and a.phi.shape == (tiny.n_layers + 1, tiny.d_model)
+
+
+def test_anchor_and_bank_caches_are_safetensors_and_validated(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("STEAMVIZ_CACHE", str(tmp_path))
+    anchors.clear_caches()
+    a = build_anchor(tiny, "Japan", facts=FACTS, require_recall=False)
+    bank = reference_bank(tiny, facts=FACTS)
+    files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert files and all(f.endswith(".safetensors") for f in files), files
+    anchors.clear_caches()  # from disk now
+    b = build_anchor(tiny, "Japan", facts=FACTS, require_recall=False)
+    assert torch.equal(a.phi, b.phi) and b.facts == a.facts and b.report == a.report
+    assert torch.equal(reference_bank(tiny, facts=FACTS).tensor, bank.tensor)
+    # a file of the right name holding something else is rebuilt, not returned
+    path = next(tmp_path.rglob("anchors/*.safetensors"))
+    from steamviz.io import save_tensors
+
+    save_tensors(path, {"phi": torch.zeros(3, 3)}, dict(kind="anchor", key="other"))
+    anchors.clear_caches()
+    with pytest.warns(UserWarning, match="bad anchor cache file"):
+        c = build_anchor(tiny, "Japan", facts=FACTS, require_recall=False)
+    assert torch.equal(c.phi, a.phi)
+    path.write_bytes(b"not a tensor file")
+    anchors.clear_caches()
+    with pytest.warns(UserWarning, match="bad anchor cache file"):
+        assert torch.equal(build_anchor(tiny, "Japan", facts=FACTS, require_recall=False).phi,
+                           a.phi)
+
+
+def test_references_leave_every_evaluated_subject_out(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("STEAMVIZ_CACHE", str(tmp_path))
+    reqs = [EditRequest(prompt="{} is the capital of", subject="Tokyo", target_new="France",
+                        target_true="Japan"),
+            EditRequest(prompt="{} is the capital of", subject="Lyon", target_new="Japan",
+                        target_true="France")]
+    refs = build_references(tiny, reqs, facts=FACTS, anchor_kw=dict(require_recall=False),
+                            n_control=1)
+    assert refs.exclude == ("Lyon", "Tokyo")
+    for a in refs.anchors.values():
+        assert not {f.subject for f in a.facts} & {"Tokyo", "Lyon"}
+    assert not {f.subject for f in refs.bank.facts} & {"Tokyo", "Lyon"}
+    assert refs.anchor("Japan").n == 3 and refs.anchor("France").n == 3
+    assert [c.object for c in refs.controls("Japan")] == ["France"]  # same relation
+    again = build_references(tiny, list(reversed(reqs)), facts=FACTS, n_control=1,
+                             anchor_kw=dict(require_recall=False))
+    assert again.digest == refs.digest  # order of requests does not matter
+
+
+def _align(lm, layers):
+    g = torch.Generator().manual_seed(0)
+    phi = torch.randn(lm.n_layers + 1, lm.d_model, generator=g)[layers]
+    return AlignLoss(lam=50.0, layers=layers, phi=phi)
+
+
+def test_matched_budget_gives_rome_and_steam_equal_steps(tiny):
+    hp = ROMEHparams(layer=1, context_template_length_params=((5, 2),), v_num_grad_steps=6,
+                     early_stop_loss=0.0)
+    prep = rome.prepare(tiny, REQ, hp, use_cache=False)
+    plain = rome.compute_v(tiny, prep, hp)
+    steam = rome.compute_v(tiny, prep, hp, align=_align(tiny, [2, 3]))
+    # v_num_grad_steps forward passes, the last one only measures: 5 optimiser steps
+    assert plain.steps == steam.steps == hp.v_num_grad_steps - 1
+    assert len(plain.losses) == len(steam.losses) == hp.v_num_grad_steps
+    # early stopping reads ROME's own terms by default: a huge alignment loss does not
+    # keep STEAM running once NLL + KL + decay are below the threshold
+    # (threshold 30: above ROME's terms on a random tiny model, ~11 nats, below ROME's terms
+    # plus 50 x an alignment loss of ~1)
+    loose = hp.replace(early_stop_loss=30.0)
+    first = plain.losses[0]
+    assert first["nll"] + first.get("kl", 0.0) < 30.0
+    assert rome.compute_v(tiny, prep, loose, align=_align(tiny, [2, 3])).steps == 0
+    assert rome.compute_v(tiny, prep, loose, align=_align(tiny, [2, 3]),
+                          early_stop_on="total").steps > 0
+
+
+def test_sweeps_default_to_a_fixed_step_budget():
+    cfg = SweepConfig.from_dict(dict(n_edits=1))
+    assert cfg.early_stop is False
+    with pytest.raises(Exception, match="early_stop"):
+        SweepConfig.from_dict(dict(n_edits=1, early_stop="no"))
+
+
+def test_held_out_and_trained_columns_and_control(tiny, tmp_path, monkeypatch):
+    from steamviz.anchors import Bank
+    from steamviz.integration import integration_rows
+
+    g = torch.Generator().manual_seed(1)
+    L, d = tiny.n_layers + 1, tiny.d_model
+    anchor = Anchor("Rome", torch.randn(L, d, generator=g), [], [])
+    ctl = [Anchor(o, torch.randn(L, d, generator=g), [], []) for o in ("Oslo", "Lima")]
+    bank = Bank(FACTS, torch.randn(len(FACTS), L, d, generator=g))
+    row = integration_rows(tiny, REQ, anchor, bank, [2, 3], old_anchor=ctl[0], controls=ctl)
+    for base in ("cos_raw", "cos_centered", "knn_share", "axis"):
+        assert f"{base}_trained" in row and base in row
+    for base in ("cos_raw", "cos_centered", "axis"):  # two prompt sets, two measurements
+        assert row[f"{base}_trained"] != row[base]
+    assert row["held_out_prompts"] == 1
+    assert row["cos_centered_control_layers"].shape == (L,)
+    # the control is the mean of the same measurement against each control anchor
+    one = integration_rows(tiny, REQ, ctl[0], bank, [2, 3])["cos_centered_layers"]
+    two = integration_rows(tiny, REQ, ctl[1], bank, [2, 3])["cos_centered_layers"]
+    np.testing.assert_allclose(row["cos_centered_control_layers"], (one + two) / 2, atol=1e-6)
+    bare = EditRequest(prompt="The capital city of {} is", subject="France", target_new="Rome")
+    row = integration_rows(tiny, bare, anchor, bank, [2, 3])
+    assert row["held_out_prompts"] == 0 and "cos_centered" not in row
+    assert "cos_centered_trained" in row
+
+
+SMALL = dict(data="default", n_edits=2, methods=["rome", "steam-rome"], lams=[50.0],
+             generation=False, bank_size=100,
+             hparams=dict(context_template_length_params=[[5, 2]], v_num_grad_steps=3))
+REF_COLS = ("cos_raw", "cos_centered", "knn_share", "axis", "cos_centered_trained",
+            "cos_centered_control", "anchor_facts", "p_new", "efficacy")
+
+
+def _by_key(run):
+    return {r["key"]: r for r in Store(run).rows()}
+
+
+def _same(a: dict, b: dict, keys) -> None:
+    for k in keys:
+        for col in REF_COLS:
+            va, vb = a[k].get(col), b[k].get(col)
+            assert (va is None) == (vb is None), (k, col, va, vb)
+            assert va is None or abs(va - vb) < 1e-6, (k, col, va, vb)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_resumed_and_partial_runs_read_the_same_references(tmp_path, monkeypatch, lm):
+    """A run resumed after its unedited points, and a run without unedited points, measure
+    against exactly the references of a fresh run (built before any edit, from a cold
+    cache each time)."""
+    def cold():
+        anchors.clear_caches()
+        cache = tmp_path / f"cache{len(list(tmp_path.glob('cache*')))}"
+        monkeypatch.setenv("STEAMVIZ_CACHE", str(cache))
+
+    cold()
+    run_sweep(SweepConfig.from_dict(SMALL), tmp_path / "fresh", lm=lm, progress=False,
+              log=lambda s: None)
+    fresh = _by_key(tmp_path / "fresh")
+    assert len(fresh) == 6
+    steam = [r for r in fresh.values() if r["method"] == "steam-rome"]
+    from steamviz.cli import main
+
+    assert main(["compare", str(tmp_path / "fresh")]) == 0  # paired table of the run
+    assert all(r["steps"] == 2 for r in fresh.values() if r["method"] != "unedited")
+    assert all(r.get("cos_centered") is not None for r in steam)
+
+    # resumed: the unedited points are done, the edited ones run in a new process state
+    (tmp_path / "resumed" / "points").mkdir(parents=True)
+    for k, r in fresh.items():
+        if r["method"] == "unedited":
+            shutil.copy(tmp_path / "fresh" / "points" / f"{k}.json",
+                        tmp_path / "resumed" / "points")
+    cold()
+    run_sweep(SweepConfig.from_dict(SMALL), tmp_path / "resumed", lm=lm, progress=False,
+              log=lambda s: None)
+    resumed = _by_key(tmp_path / "resumed")
+    assert set(resumed) == set(fresh)
+    _same(resumed, fresh, fresh)
+
+    cold()  # no unedited points at all
+    run_sweep(SweepConfig.from_dict(dict(SMALL, include_unedited=False)), tmp_path / "edited",
+              lm=lm, progress=False, log=lambda s: None)
+    edited = _by_key(tmp_path / "edited")
+    assert len(edited) == 4 and set(edited) <= set(fresh)
+    _same(edited, fresh, edited)
