@@ -160,6 +160,11 @@ def _figures(args) -> int:
         "layer_cosine": figures.layer_cosine(df),
         "tradeoff": figures.tradeoff(summarize(df)),
     }
+    if (df.method == "rome").any() and "cos_centered_layers" in df.columns:
+        try:
+            made["paired_layer_difference"] = figures.paired_layer_difference(df)
+        except ValueError as e:  # e.g. ROME at several edited layers: no single baseline
+            print(f"steamviz figures: no paired-difference figure: {e}")
     if (df.method == "steam-rome").any() and df.lam.dropna().nunique() >= 1:
         made["lambda_layer_heatmap"] = figures.lambda_layer_heatmap(df)
     formats = tuple(args.formats.split(","))
@@ -316,6 +321,18 @@ def _doctor(args) -> int:
     return 0 if not bad else 1
 
 
+def _claims(args) -> int:
+    from .claims import ClaimsConfig, run_claims
+    from .models import load_model
+
+    cfg = ClaimsConfig(n_cf=args.n_cf, n_port=args.n_port, seeds=args.seeds,
+                       lams=args.lams, centred_lam=args.centred_lam,
+                       hparams=_params(args.param), candidates=args.candidates)
+    run_claims(cfg, args.out, lm=load_model(args.model, device=args.device))
+    print(f"wrote {args.out}/claims.md")
+    return 0
+
+
 def _version() -> str:
     from . import __version__
 
@@ -385,6 +402,22 @@ def main(argv=None) -> int:
     f.add_argument("run")
     f.add_argument("--formats", default="html,png,pdf,svg")
     f.set_defaults(fn=_figures)
+    q = sub.add_parser("claims", help="STEAM's claims on public data: paired effects, CIs, "
+                                      "verdicts (resumable)")
+    q.add_argument("--out", required=True, help="run folder, e.g. runs/claims")
+    q.add_argument("--n-cf", type=int, default=200, help="CounterFact val cases with anchors")
+    q.add_argument("--n-port", type=int, default=100, help="portability cases with anchors")
+    q.add_argument("--candidates", type=int, default=400, help="CounterFact cases screened")
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="anchor seeds")
+    q.add_argument("--lams", type=float, nargs="+", default=[20.0, 50.0],
+                   help="raw-loss lambdas")
+    q.add_argument("--centred-lam", type=float, default=None,
+                   help="centred-loss lambda (default: tuned on the default edit set)")
+    q.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a ROME hyperparameter override; repeatable")
+    q.add_argument("--model", default=None)
+    q.add_argument("--device", default="auto")
+    q.set_defaults(fn=_claims)
     k = sub.add_parser("doctor", help="check the model, data, export browser, torch, versions")
     k.set_defaults(fn=_doctor)
     c = sub.add_parser("compare", help="paired differences vs a baseline method, with 95% CIs")

@@ -72,34 +72,48 @@ def _groups(df: pd.DataFrame, baseline: str):
         yield {c: g[c].iloc[0] for c in cols}, g
 
 
+def _pair_keys(df: pd.DataFrame) -> list[str]:
+    """Rows pair on the edit, and on the anchor-sampling seed when there are several."""
+    return ["case_id"] + (["anchor_seed"] if "anchor_seed" in df.columns else [])
+
+
+def _baseline(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    keys = _pair_keys(df)
+    base = df[df.method == baseline]
+    if base.duplicated(keys).any():
+        raise ValueError(f"the baseline {baseline!r} has several rows per {' and '.join(keys)}; "
+                         "select one grid point of it first")
+    return base.set_index(keys)
+
+
 def paired(df: pd.DataFrame, metrics: Sequence[str], baseline: str = "rome",
            n_boot: int = 10_000, seed: int = 0) -> pd.DataFrame:
     """One row per (grid point other than the baseline, metric): the number of paired edits
     ``n``, the mean difference ``diff`` (point - baseline) with its bootstrap 95% CI
     ``low``/``high``, the sign-flip ``p``, and both means. Pairs are matched on ``case_id``
-    (and the baseline's other columns do not matter: it must have one row per case)."""
+    (and ``anchor_seed``: differences are averaged over seeds within an edit, so edits stay
+    the independent units). The baseline must have one row per pair."""
     if "case_id" not in df.columns:
         raise ValueError("paired comparisons need a case_id column")
-    base = df[df.method == baseline]
-    if base.case_id.duplicated().any():
-        raise ValueError(f"the baseline {baseline!r} has several rows per case_id; select one "
-                         "grid point of it first")
-    base = base.set_index("case_id")
+    keys = _pair_keys(df)
+    base = _baseline(df, baseline)
     out = []
     for point, g in _groups(df, baseline):
-        g = g.set_index("case_id")
+        g = g.set_index(keys)
         for m in metrics:
             if m not in g.columns or m not in base.columns:
                 continue
             a, b = g[m].astype(float), base[m].astype(float)
             common = a.index.intersection(b.index)
             d = (a.loc[common] - b.loc[common]).dropna()
+            a_m, b_m = a.loc[d.index], b.loc[d.index]
+            if len(keys) > 1:  # average over anchor seeds within each edit
+                d, a_m, b_m = (x.groupby(level="case_id").mean() for x in (d, a_m, b_m))
             mean, lo, hi = ci_mean(d.values, n_boot=n_boot, seed=seed)
             out.append(dict(point, metric=m, n=len(d), diff=mean, low=lo, high=hi,
                             p=sign_flip_p(d.values, seed=seed),
-                            mean=float(a.loc[d.index].mean()) if len(d) else float("nan"),
-                            baseline_mean=float(b.loc[d.index].mean()) if len(d)
-                            else float("nan")))
+                            mean=float(a_m.mean()) if len(d) else float("nan"),
+                            baseline_mean=float(b_m.mean()) if len(d) else float("nan")))
     return pd.DataFrame(out)
 
 
@@ -115,12 +129,16 @@ def paired_layers(df: pd.DataFrame, col: str, baseline: str = "rome", n_boot: in
         return np.asarray(v, dtype=float) if v is not None and not (
             isinstance(v, float) and np.isnan(v)) else None
 
-    base = {r.case_id: arr(getattr(r, col)) for r in df[df.method == baseline].itertuples()}
+    keys = _pair_keys(df)
+    base = {k: arr(v) for k, v in _baseline(df, baseline)[col].items()}
     out = []
     for point, g in _groups(df, baseline):
-        diffs = [a - base[c] for c, a in ((r.case_id, arr(getattr(r, col)))
-                                          for r in g.itertuples())
-                 if a is not None and base.get(c) is not None]
+        per_case: dict = {}
+        for k, v in g.set_index(keys)[col].items():
+            a, b = arr(v), base.get(k)
+            if a is not None and b is not None:
+                per_case.setdefault(k[0] if isinstance(k, tuple) else k, []).append(a - b)
+        diffs = [np.mean(v, axis=0) for v in per_case.values()]  # seeds averaged per edit
         if not diffs:
             continue
         D = np.stack(diffs)  # [pair, layer]

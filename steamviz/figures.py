@@ -91,6 +91,54 @@ def layer_cosine(df: pd.DataFrame, col: str = "cos_centered_layers",
     return style(fig)
 
 
+def paired_layer_difference(df: pd.DataFrame, col: str = "cos_centered_layers",
+                            baseline: str = "rome", align_layers: Sequence[int] | None = None,
+                            n_boot: int = 2000) -> go.Figure:
+    """Per layer, the paired difference (point - ``baseline``) of a per-layer metric over the
+    same edits, with its bootstrap 95% band, and -- dashed -- the same difference measured
+    against the control anchors (``col`` with ``_control``): where both move alike, the
+    change is not specific to the new object. Integration columns are held out."""
+    from .compare import paired_layers
+
+    ctl_col = col.replace("_layers", "_control_layers")
+    main = paired_layers(df, col, baseline=baseline, n_boot=n_boot)
+    ctl = (paired_layers(df, ctl_col, baseline=baseline, n_boot=n_boot)
+           if ctl_col in df.columns else pd.DataFrame())
+    fig = go.Figure()
+    fig.add_hline(y=0, line=dict(color="#999999", width=1))
+    if main.empty:
+        return style(fig, title=f"no {baseline!r} rows to pair with")
+    keys = [c for c in ("method", "lam", "layer", "align_layers", "centered", "batch")
+            if c in main.columns]
+    for i, (_, g) in enumerate(main.groupby(keys, sort=False, dropna=False)):
+        p = g.iloc[0]
+        name = _label(p["method"], p.get("lam"), p.get("centered"))
+        color = _color(p["method"], i)
+        x, y = g.layer_index.to_numpy(), g["diff"].to_numpy()
+        fig.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[g.high, g.low[::-1]],
+                                 fill="toself", fillcolor=color, opacity=0.2,
+                                 line=dict(width=0), hoverinfo="skip", showlegend=False,
+                                 legendgroup=name, name=f"{name} 95% CI"))
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"{name} (n={int(g.n.iloc[0])})",
+                                 legendgroup=name, line=dict(color=color, width=2)))
+        if not ctl.empty:
+            sel = np.ones(len(ctl), bool)
+            for k in keys:
+                sel &= ctl[k].astype(str).to_numpy() == str(p[k])
+            c = ctl[sel]
+            if len(c):
+                fig.add_trace(go.Scatter(x=c.layer_index, y=c["diff"], mode="lines",
+                                         name=f"{name}: control anchors", legendgroup=name,
+                                         line=dict(color=color, width=1.5, dash="dash")))
+    if align_layers:
+        fig.add_vrect(x0=min(align_layers), x1=max(align_layers), fillcolor="#cccccc",
+                      opacity=0.2, line_width=0)
+    fig.update_xaxes(title="layer (residual stream)")
+    what = "centred cosine" if "centered" in col else col.replace("_layers", "")
+    fig.update_yaxes(title=f"Δ {what} vs {baseline.upper()} (held out)")
+    return style(fig)
+
+
 def lambda_layer_heatmap(df: pd.DataFrame, col: str = "cos_centered_layers",
                          baseline: str = "rome") -> go.Figure:
     """Layer x lambda heatmap of the mean per-layer cosine of STEAM-ROME, minus ``baseline``'s

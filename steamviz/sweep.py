@@ -57,6 +57,9 @@ class SweepConfig:
     knn_k: int = 10
     bank_size: int | None = None  # reference facts in the kNN / centring bank (None: all)
     seed: int = 0
+    # anchor-sampling seeds (a grid axis of every point; null: [seed]). Each seed samples
+    # other reference facts into each anchor; ROME's own v* is computed once and reused.
+    anchor_seeds: list | None = None
     # False: every v*-optimising method runs exactly hparams.v_num_grad_steps steps (a
     # matched budget: STEAM's extra term buys it no extra steps). True: each stops early on
     # ROME's own terms (NLL + KL + decay < early_stop_loss).
@@ -114,6 +117,10 @@ class SweepConfig:
         need(isinstance(self.centered, list) and all(isinstance(x, bool) for x in self.centered),
              "centered", "a list of booleans")
         need(isinstance(self.early_stop, bool), "early_stop", "true or false")
+        need(self.anchor_seeds is None or (isinstance(self.anchor_seeds, list) and self.anchor_seeds
+             and all(isinstance(x, int) and not isinstance(x, bool) for x in self.anchor_seeds)
+             and len(set(self.anchor_seeds)) == len(self.anchor_seeds)),
+             "anchor_seeds", "null or a non-empty list of distinct integers")
         need(isinstance(self.reference_facts, str) and (
             self.reference_facts in ("project", "pool") or Path(self.reference_facts).is_file()),
             "reference_facts", '"project", "pool" or the path of a facts file (JSON lines)')
@@ -133,6 +140,11 @@ class SweepConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def seeds(self) -> list[int]:
+        """The anchor-sampling seeds of the grid."""
+        return list(self.anchor_seeds) if self.anchor_seeds is not None else [self.seed]
+
 
 #: methods with an edited-layer axis, an alignment-strength axis, a batch-size axis
 LAYER_METHODS = {"rome", "steam-rome", "memit", "steam-memit"}
@@ -144,7 +156,8 @@ def grid(cfg: SweepConfig, default_layer: int) -> list[dict]:
     """The grid points (without requests).
 
     Each point holds ``method, layer, lam, align_layers, centered``; points of batch
-    editors also hold ``batch`` (the number of requests edited at once).
+    editors also hold ``batch`` (the number of requests edited at once); with
+    ``anchor_seeds``, every point also holds ``anchor_seed``.
     """
     pts = []
     layers = cfg.edit_layers or [default_layer]
@@ -166,7 +179,9 @@ def grid(cfg: SweepConfig, default_layer: int) -> list[dict]:
                     if b is not None:
                         pt["batch"] = int(b)
                     pts.append(pt)
-    return pts
+    if cfg.anchor_seeds is None:  # one seed: points keep their keys of before the axis
+        return pts
+    return [dict(p, anchor_seed=s) for s in cfg.seeds for p in pts]
 
 
 def units(requests: list, points: list[dict]) -> list[tuple[list, dict]]:
@@ -274,19 +289,19 @@ class Runner:
                 extra = None if self.cfg.reference_facts == "pool" else self.cfg.reference_facts
                 facts = load_pool(extra=extra)
             self._references = build_references(
-                self.lm, self.requests(), seeds=(self.cfg.seed,), bank_size=self.cfg.bank_size,
+                self.lm, self.requests(), seeds=self.cfg.seeds, bank_size=self.cfg.bank_size,
                 bank_seed=self.cfg.seed, texts=self.cfg.generation, facts=facts)
         return self._references
 
     def bank(self):
         return self.references().bank
 
-    def anchor(self, obj: str):
-        return self.references().anchor(obj, self.cfg.seed)
+    def anchor(self, obj: str, seed: int | None = None):
+        return self.references().anchor(obj, self.cfg.seed if seed is None else seed)
 
-    def missing_anchor(self, obj: str) -> str | None:
+    def missing_anchor(self, obj: str, seed: int | None = None) -> str | None:
         """Why ``obj`` has no anchor (None when it has one)."""
-        return self.references().missing.get((obj, self.cfg.seed))
+        return self.references().missing.get((obj, self.cfg.seed if seed is None else seed))
 
     def align_layers(self, point: dict) -> list[int]:
         from .steam import default_layers
@@ -321,17 +336,18 @@ class Runner:
         ref = refs.text(req.target_new) if cfg.generation else None
         row = evaluate(self.lm, req, generation=cfg.generation, ref_text=ref,
                        max_new_tokens=cfg.max_new_tokens)
-        anchor = self.anchor(req.target_new)
+        seed = point.get("anchor_seed", cfg.seed)
+        anchor = self.anchor(req.target_new, seed)
         if anchor is None:
-            row["anchor_missing"] = self.missing_anchor(req.target_new)
+            row["anchor_missing"] = self.missing_anchor(req.target_new, seed)
             return row
-        old = self.anchor(req.target_true) if req.target_true else None
+        old = self.anchor(req.target_true, seed) if req.target_true else None
+        controls = refs.controls(req.target_new, seed)
         integ = integration_rows(self.lm, req, anchor, refs.bank, self.align_layers(point),
-                                 old_anchor=old, k=cfg.knn_k,
-                                 controls=refs.controls(req.target_new, cfg.seed))
+                                 old_anchor=old, k=cfg.knn_k, controls=controls)
         row.update(integ)
         row["anchor_facts"] = anchor.n
-        row["control_objects"] = len(refs.controls(req.target_new, cfg.seed))
+        row["control_objects"] = len(controls)
         return row
 
     def edit_kwargs(self, point, reqs: list | None = None) -> dict:
@@ -344,7 +360,8 @@ class Runner:
         if m in LAMBDA_METHODS:
             kw.update(lam=point["lam"], layers=self.align_layers(point),
                       centered=point["centered"], bank=self.bank())
-            anchors = {r.target_new: self.anchor(r.target_new) for r in reqs or []}
+            seed = point.get("anchor_seed")
+            anchors = {r.target_new: self.anchor(r.target_new, seed) for r in reqs or []}
             if m in BATCH_METHODS:
                 kw["anchors"] = anchors
             elif reqs:
@@ -355,8 +372,9 @@ class Runner:
         """Why this unit cannot run (a STEAM point whose new object has no anchor), or None."""
         if point["method"] not in LAMBDA_METHODS:
             return None
-        why = [f"{r.target_new!r}: {self.missing_anchor(r.target_new)}" for r in reqs
-               if self.anchor(r.target_new) is None]
+        seed = point.get("anchor_seed")
+        why = [f"{r.target_new!r}: {self.missing_anchor(r.target_new, seed)}" for r in reqs
+               if self.anchor(r.target_new, seed) is None]
         return "no anchor for " + "; ".join(why) if why else None
 
     def run_point(self, req, point) -> dict:
@@ -468,7 +486,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     by = ["method", "lam", "layer", "align_layers", "centered"]
     d = df.copy()
     if "batch" in d.columns:
-        by.append("batch")
+        by.append("batch")  # anchor seeds are averaged over, as edits are
     for b in by:
         d[b] = d[b].astype(str)
     return d.groupby(by, sort=False, dropna=False)[cols].mean().round(3).reset_index()

@@ -51,3 +51,18 @@ def test_paired_layers_gives_a_band_per_layer():
     assert t.layer_index.tolist() == [0, 1, 2] and set(t.n) == {6}
     assert t["diff"].tolist() == pytest.approx([0.0, 0.25, 1.0])
     assert t.low[1] < 0.25 < t.high[1] and t.low[2] == t.high[2] == 1.0
+
+
+def test_anchor_seeds_pair_within_seed_and_average_per_edit():
+    rows = []
+    for c in range(4):
+        for s, shift in ((0, 0.0), (1, 1.0)):  # seed 1's anchors read higher for everyone
+            rows.append(dict(case_id=c, anchor_seed=s, method="rome", lam=None,
+                             cos=0.1 * c + shift, cos_layers=[shift, shift]))
+            rows.append(dict(case_id=c, anchor_seed=s, method="steam-rome", lam=20.0,
+                             cos=0.1 * c + shift + 0.2 + 0.1 * s, cos_layers=[shift, shift + 1]))
+    df = pd.DataFrame(rows)
+    t = paired(df, ["cos"], n_boot=500).iloc[0]
+    assert t.n == 4 and t["diff"] == pytest.approx(0.25)  # (0.2 + 0.3) / 2 per edit
+    lay = paired_layers(df, "cos_layers", n_boot=500)
+    assert lay["diff"].tolist() == pytest.approx([0.0, 1.0]) and set(lay.n) == {4}

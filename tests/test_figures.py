@@ -146,3 +146,26 @@ def test_exact_index_matches_brute_force(metric):
     assert ind.dtype == np.int32 and dist.dtype == np.float32
     with pytest.raises(ValueError, match="'cosine' or 'euclidean'"):
         ExactIndex(data, "manhattan")
+
+
+def test_paired_layer_difference_draws_band_line_and_control():
+    from steamviz.figures import paired_layer_difference
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in range(12):
+        base = rng.normal(0, 0.1, 5)
+        rows.append(dict(case_id=c, method="rome", lam=None, centered=None,
+                         cos_centered_layers=list(base),
+                         cos_centered_control_layers=list(base)))
+        rows.append(dict(case_id=c, method="steam-rome", lam=50.0, centered=False,
+                         cos_centered_layers=list(base + [0, 0, 0.2, 0.3, 0.1]),
+                         cos_centered_control_layers=list(base + 0.05)))
+    fig = paired_layer_difference(pd.DataFrame(rows))
+    names = [t.name for t in fig.data]
+    assert names == ["STEAM λ=50 95% CI", "STEAM λ=50 (n=12)", "STEAM λ=50: control anchors"]
+    np.testing.assert_allclose(fig.data[1].y, [0, 0, 0.2, 0.3, 0.1], atol=1e-9)
+    np.testing.assert_allclose(fig.data[2].y, [0.05] * 5, atol=1e-9)
+    assert "held out" in fig.layout.yaxis.title.text
+    with pytest.raises(ValueError, match="several rows per case_id"):
+        paired_layer_difference(pd.DataFrame(rows + rows[:1]))

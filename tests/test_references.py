@@ -217,3 +217,45 @@ def test_resumed_and_partial_runs_read_the_same_references(tmp_path, monkeypatch
     edited = _by_key(tmp_path / "edited")
     assert len(edited) == 4 and set(edited) <= set(fresh)
     _same(edited, fresh, edited)
+
+
+def test_anchor_seed_axis_multiplies_every_point():
+    from steamviz.sweep import grid
+
+    one = grid(SweepConfig.from_dict(dict(SMALL)), 5)
+    assert all("anchor_seed" not in p for p in one)  # keys of single-seed runs unchanged
+    three = grid(SweepConfig.from_dict(dict(SMALL, anchor_seeds=[0, 1, 2])), 5)
+    assert len(three) == 3 * len(one)
+    assert sorted({p["anchor_seed"] for p in three}) == [0, 1, 2]
+    assert SweepConfig.from_dict(dict(SMALL, anchor_seeds=[3, 4])).seeds == [3, 4]
+    for bad in ([], [1, 1], ["a"], 3):
+        with pytest.raises(Exception, match="anchor_seeds"):
+            SweepConfig.from_dict(dict(SMALL, anchor_seeds=bad))
+
+
+def test_plain_rome_reuses_its_target_vector_exactly(tiny):
+    hp = ROMEHparams(layer=1, context_template_length_params=((5, 2),), v_num_grad_steps=3)
+    rome.clear_caches()
+    with rome.apply(tiny, REQ, hp) as a:
+        first = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    with rome.apply(tiny, REQ, hp) as b:
+        again = tiny.model.state_dict()
+        assert all(torch.equal(first[k], again[k]) for k in first)
+    assert a.info["v_reused"] is False and b.info["v_reused"] is True
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_a_sweep_over_anchor_seeds_pairs_within_seeds(tmp_path, lm):
+    from steamviz.compare import paired
+
+    cfg = SweepConfig.from_dict(dict(SMALL, n_edits=1, anchor_seeds=[0, 1]))
+    df = run_sweep(cfg, tmp_path / "run", lm=lm, progress=False, log=lambda s: None)
+    assert len(df) == 6 and sorted(df.anchor_seed.unique()) == [0, 1]
+    une = df[df.method == "unedited"].set_index("anchor_seed")
+    # another sample of facts, another anchor: the unedited stream's cosine moves
+    assert une.cos_centered[0] != une.cos_centered[1]
+    rome_rows = df[df.method == "rome"]
+    assert rome_rows.p_new.nunique() == 1  # one ROME edit, measured against two anchors
+    t = paired(df, ["cos_centered", "efficacy"])
+    assert set(t.method) == {"unedited", "steam-rome"} and set(t.n) == {1}

@@ -1,0 +1,66 @@
+"""The claims report: verdict rules, the table from sweep rows, and a tiny end-to-end run."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from steamviz.claims import ClaimsConfig, claims_table, run_claims, verdict
+
+
+def test_verdicts_follow_the_interval():
+    assert verdict("up", 0.01, 0.2) == "supported"
+    assert verdict("up", -0.1, 0.2) == "inconclusive"
+    assert verdict("up", -0.3, 0.0) == "not supported"
+    assert verdict("kept", -0.015, 0.01, 0.02) == "supported"
+    assert verdict("kept", -0.05, -0.03, 0.02) == "not supported"
+    assert verdict("kept", -0.05, 0.01, 0.02) == "inconclusive"
+    assert verdict("up", float("nan"), 0.1) == "inconclusive"
+
+
+def _rows(shift: dict, n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in range(n):
+        base = dict(efficacy=1.0, paraphrase=rng.uniform(), neighborhood=0.8,
+                    portability=rng.uniform(), cos_centered=rng.normal(0.1, 0.05),
+                    cos_centered_control=0.05, knn_share=0.1, fluency=5.0)
+        rows.append(dict(base, case_id=c, method="rome", lam=None, centered=None))
+        for lam, cen, k in ((20.0, False, 1.0), (50.0, False, 2.0), (10.0, True, 3.0)):
+            r = dict(base, case_id=c, method="steam-rome", lam=lam, centered=cen)
+            for m, v in shift.items():
+                r[m] = base[m] + k * v + rng.normal(0, 1e-3)
+            rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def test_claims_table_has_a_row_per_claim_and_setting():
+    df = _rows(dict(cos_centered=0.02, paraphrase=0.0))
+    t = claims_table({"cf": df, "port": df})
+    cos = t[t.claim.str.startswith("held-out centred")]
+    assert list(cos.setting) == ["λ=20 raw", "λ=50 raw", "λ=10 centred"]
+    assert set(cos.verdict) == {"supported"} and cos.effect.iloc[1] == pytest.approx(0.04, abs=2e-3)
+    eff = t[t.claim.str.startswith("efficacy")]
+    assert set(eff.verdict) == {"supported"}  # unchanged efficacy: kept within 2 points
+    flu = t[t.claim.str.startswith("fluency")]
+    assert list(flu.setting) == ["λ=50 raw"]  # the largest lambda only
+    spec = t[t.claim.str.startswith("... and beyond")]
+    assert len(spec) == 3 and set(spec.verdict) == {"supported"}
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_a_tiny_claims_run_end_to_end(tmp_path, lm):
+    from conftest import data_missing
+
+    why = data_missing("counterfact", "mquake", "zsre", "polyglot", "pararel", "lre")
+    if why:
+        pytest.skip(why)
+    cfg = ClaimsConfig(n_cf=2, n_port=2, seeds=[0], lams=[50.0], tune_lams=[20.0], n_tune=2,
+                       candidates=8, max_new_tokens=8,
+                       hparams=dict(context_template_length_params=[[5, 2]],
+                                    v_num_grad_steps=3))
+    t = run_claims(cfg, tmp_path / "claims", lm=lm, log=lambda s: None)
+    md = (tmp_path / "claims" / "claims.md").read_text()
+    assert "| claim | setting |" in md and "tuned on the default edit set" in md
+    assert set(t.setting) == {"λ=50 raw", "λ=20 centred"}
+    assert set(t.n) <= {2} and (tmp_path / "claims" / "tuning.json").exists()
