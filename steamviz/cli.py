@@ -67,9 +67,10 @@ def _edit(args) -> int:
     from .models import load_model
     from .requests import EditRequest
 
-    lm = load_model(args.model, device=args.device)
+    _check_device(args.device)
     req = EditRequest(prompt=args.prompt, subject=args.subject, target_new=args.target_new,
-                      target_true=args.target_true)
+                      target_true=args.target_true)  # a bad request fails before the model
+    lm = load_model(args.model, device=args.device)
     before = greedy(lm, [req.rewrite_prompt], 12)[0]
     edit = rome.apply(lm, req)
     after = greedy(lm, [req.rewrite_prompt], 12)[0]
@@ -89,26 +90,64 @@ def _params(items: list[str]) -> dict:
     for item in items:
         key, eq, val = item.partition("=")
         if not eq or not key.strip():
-            raise SystemExit(f"--param {item!r}: expected KEY=VALUE, e.g. --param v_num_grad_steps=10")
+            raise UsageError(f"--param {item!r}: expected KEY=VALUE, e.g. --param "
+                             "v_num_grad_steps=10")
         out[key.strip()] = yaml.safe_load(val)
     return out
 
 
+class UsageError(ValueError):
+    """A command-line value that cannot work: printed as one line, exit code 2."""
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device not in ("auto", "cpu", "mps") and not device.startswith("cuda"):
+        raise UsageError(f"--device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this torch build ({torch.__version__}) sees no "
+                         "CUDA device; use --device cpu (or auto), or install a CUDA build")
+
+
+def _check_edit_args(method: str, lam, params: dict) -> dict:
+    """Everything about the editor that can be checked before the model loads."""
+    from .editors import METHODS, _load_builtin
+
+    _load_builtin()
+    if method.lower() not in METHODS:
+        raise UsageError(f"--method {method!r}: unknown; choose one of {sorted(METHODS)}")
+    if lam is not None:
+        if not method.lower().startswith("steam"):
+            raise UsageError(f"--lam is STEAM's alignment strength; --method {method} has none "
+                             "(use steam-rome or steam-memit)")
+        if lam < 0:
+            raise UsageError(f"--lam {lam:g}: must be >= 0")
+        params = dict(params, lam=lam)
+    if method.lower() in ("rome", "steam-rome"):
+        from .rome import ROMEHparams
+
+        why = ROMEHparams.check_overrides({k: v for k, v in params.items()
+                                           if k not in ("lam", "layers", "centered")})
+        if why:
+            raise UsageError(f"--param: {why}")
+    return params
+
+
 def _eval(args) -> int:
     from . import evaluation
+    from .datasets import load_named
     from .io import write_bytes, write_text
     from .models import load_model
 
-    lm = load_model(args.model, device=args.device)
-    from .datasets import load_named
-
-    reqs = load_named(args.data, args.n)
-    params = {}
-    if args.lam is not None:
-        params["lam"] = args.lam
-    if args.layer is not None:
-        params["layer"] = args.layer
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"--n {args.n}: evaluate at least one request (--n 1 or more)")
+    _check_device(args.device)
+    params = {} if args.layer is None else {"layer": args.layer}
     params.update(_params(args.param))
+    params = _check_edit_args(args.method, args.lam, params)
+    reqs = load_named(args.data, args.n)  # a bad data name or file fails before the model
+    lm = load_model(args.model, device=args.device)
     df = evaluation.run(lm, reqs, method=args.method, generation=not args.no_generation,
                         **params)
     table = evaluation.summary(df)
@@ -133,10 +172,12 @@ def _sweep(args) -> int:
         cfg.n_edits = args.n
     from .executors import ExecutorError
 
+    from .sweep import StoreBusy
+
     try:
         df = run_sweep(cfg, args.out, executor=args.executor, address=args.address,
-                       workers=args.workers)
-    except ExecutorError as e:
+                       workers=args.workers, force=args.force)
+    except (ExecutorError, ConfigError, StoreBusy) as e:
         print(f"steamviz sweep: {e}", file=sys.stderr)
         return 2
     from .evaluation import markdown
@@ -391,6 +432,8 @@ def main(argv=None) -> int:
     w.add_argument("config")
     w.add_argument("--out", required=True, help="run folder, e.g. runs/lam")
     w.add_argument("--n", type=int, default=None, help="override n_edits")
+    w.add_argument("--force", action="store_true",
+                   help="add this config's points to a run folder made with another config")
     w.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="where points run: this process, or a Ray cluster (pip install 'steamviz[ray]')")
     w.add_argument("--address", default=None,
@@ -428,10 +471,11 @@ def main(argv=None) -> int:
     c.set_defaults(fn=_compare)
     args = ap.parse_args(argv)
     from .fetch import DataError
+    from .requests import RequestError
 
     try:
         return args.fn(args)
-    except DataError as e:
+    except (DataError, RequestError, UsageError, FileNotFoundError) as e:
         print(f"steamviz {args.cmd}: {e}", file=sys.stderr)
         return 2
 

@@ -610,9 +610,34 @@ def load_zsre(path: str | Path, limit: int | None = None) -> list[EditRequest]:
 
     ``portability`` when present: ``{"New Question", "New Answer"}`` (EasyEdit), KnowEdit's
     ``[{"prompt", "ground_truth"}]`` lists, or dicts of such lists by category. case_id is the
-    record's position in the file unless the record has one."""
+    record's position in the file unless the record has one.
+
+    Records whose ``alt`` equals the answer ask for no change; they are left out with a
+    warning that counts them (case ids kept), rather than scored as successful edits."""
     records, source = _records_of(path, "zsRE", limit)
-    return _parse_all(records, source, _parse_zsre)
+    return _zsre_requests(records, source)
+
+
+def _zsre_requests(records: list, source: str) -> list[EditRequest]:
+    """Parse zsRE records, leaving out (with a counting warning) those that ask no change."""
+    import warnings
+
+    keep, same = [], []
+    for i, rec in enumerate(records):
+        if isinstance(rec, dict) and isinstance(rec.get("alt"), str) and isinstance(
+                rec.get("answers"), list) and rec["answers"] and isinstance(rec["answers"][0], str) \
+                and rec["alt"].strip() == rec["answers"][0].strip():
+            same.append(rec.get("case_id", i))
+            continue
+        keep.append((i, rec))
+    # case ids stay the positions in the file when records were left out
+    keep = [rec if not same or not isinstance(rec, dict) else dict(rec, case_id=rec.get("case_id", i))
+            for i, rec in keep]
+    if same:
+        warnings.warn(f"{source}: {len(same)} zsRE record(s) whose 'alt' equals the answer (no "
+                      f"edit to make) left out, case ids {same[:5]}{' ...' if len(same) > 5 else ''}",
+                      stacklevel=2)
+    return _parse_all(keep, source, _parse_zsre)
 
 
 def load_mquake_all(path: str | Path, limit: int | None = None) -> list[list[EditRequest]]:
@@ -654,7 +679,7 @@ def load_requests(
     if fmt == "counterfact":
         return _parse_all(records, source, _counterfact_parser(records))
     if fmt == "zsre":
-        return _parse_all(records, source, _parse_zsre)
+        return _zsre_requests(records, source)
     return [g[0] for g in _parse_all(records, source, _parse_mquake_group)]
 
 

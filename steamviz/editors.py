@@ -46,6 +46,7 @@ def edit(lm, request: EditRequest | dict, method: str = "rome", **params) -> Edi
         _load_builtin()
     if key not in METHODS:
         raise ValueError(f"unknown editing method {method!r}; choose from {sorted(METHODS)}")
+    request.check_length(lm)
     return METHODS[key](lm, request, **params)
 
 
@@ -58,6 +59,8 @@ def edit_batch(lm, requests, method: str = "memit", **params) -> Edit:
     if key not in BATCH_METHODS:
         raise ValueError(f"{method!r} is not a batch editor; batch editors: "
                          f"{sorted(BATCH_METHODS)} (edit one request at a time with edit())")
+    for r in requests:
+        r.check_length(lm)
     return BATCH_METHODS[key](lm, requests, **params)
 
 

@@ -110,33 +110,104 @@ class Edit:
 
 
 class WeightEdit(Edit):
-    """An edit that adds deltas to parameters. Keeps originals for a bitwise restore."""
+    """An edit that adds deltas to parameters, undone exactly in any order.
+
+    Each edited parameter keeps, on its model, the value it had before its first edit and the
+    ordered list of deltas the active edits added. Restoring an edit -- first, last or in
+    between -- sets the parameter back to that value and adds the remaining edits' deltas
+    again in their original order with the same operations, so the result is bit for bit the
+    model with only the remaining edits applied, and the original once all are restored.
+    """
 
     def __init__(self, model: nn.Module, method: str, info: dict | None = None):
+        prov = provenance(model)  # the weights this edit is made on, before it changes them
         super().__init__(model, method, info)
+        self.info.setdefault("provenance", prov)
         self.deltas: dict[str, torch.Tensor] = {}
+        self._touched: set[str] = set()
 
     def add_delta(self, name: str, delta: torch.Tensor, index=None) -> None:
         """``param[name] += delta`` (or ``param[name][index] += delta``), undoably."""
         p = dict(self.model.named_parameters())[name]
         with torch.no_grad():
-            if index is None:
-                orig = p.detach().clone()
-                self.on_restore(lambda p=p, orig=orig: p.data.copy_(orig))
-                p.add_(delta.to(p.dtype).to(p.device))
-                self.deltas[name] = self.deltas.get(name, 0) + delta.detach().cpu()
-            else:
-                orig = p.data[index].clone()
+            d = delta.detach().to(p.dtype).to(p.device)
+            self._push(name, p, ("add", d, index))
+        if index is None:
+            self.deltas[name] = self.deltas.get(name, 0) + delta.detach().cpu()
 
-                def undo(p=p, orig=orig, index=index):
-                    p.data[index] = orig
+    def set_flat(self, name: str, flat_idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``param[name].reshape(-1)[flat_idx] = values``, undoably; returns the values the
+        entries held before."""
+        p = dict(self.model.named_parameters())[name]
+        if not p.is_contiguous():
+            raise ValueError(f"{name} is not contiguous; cannot edit entries in place")
+        idx = flat_idx.to(p.device)
+        with torch.no_grad():
+            before = p.data.view(-1)[idx].clone()
+            self._push(name, p, ("set_flat", values.to(device=p.device, dtype=p.dtype), idx))
+        return before
 
-                self.on_restore(undo)
-                p.data[index] += delta.to(p.dtype).to(p.device)
+    def _push(self, name: str, p: torch.Tensor, op: tuple) -> None:
+        stack = _weight_stack(self.model)
+        if name not in stack:
+            stack[name] = dict(base=p.detach().clone(), layers=[])
+        stack[name]["layers"].append((id(self), *op))
+        _apply(p, *op)
+        if name not in self._touched:
+            self._touched.add(name)
+            self.on_restore(lambda name=name: self._unwind(name))
+
+    def _unwind(self, name: str) -> None:
+        stack = _weight_stack(self.model)
+        entry = stack[name]
+        p = dict(self.model.named_parameters())[name]
+        entry["layers"] = [x for x in entry["layers"] if x[0] != id(self)]
+        with torch.no_grad():
+            p.data.copy_(entry["base"])
+            for _, *op in entry["layers"]:
+                _apply(p, *op)
+        if not entry["layers"]:
+            del stack[name]
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the deltas (+ request/method metadata) to a safetensors file, atomically."""
         return WeightDelta(self.method, dict(self.deltas), _jsonable(self.info)).save(path)
+
+
+def provenance(model: nn.Module) -> dict:
+    """What a saved delta records of the model it was made on: a fingerprint of the weights
+    as they were (:func:`steamviz.models.fingerprint_model`), the model type and dtype, and
+    the steamviz version."""
+    from . import __version__
+    from .models import fingerprint_model
+
+    p = next(model.parameters(), None)
+    cfg = getattr(model, "config", None)
+    return dict(weights=fingerprint_model(model), model_type=getattr(cfg, "model_type", None),
+                dtype=str(p.dtype) if p is not None else None, steamviz=__version__)
+
+
+def _weight_stack(model: nn.Module) -> dict:
+    """``{param name: {"base": value before its first active edit, "layers": [(edit id,
+    delta, index), ...]}}`` of the active weight edits of ``model``."""
+    st = getattr(model, "_steamviz_weight_stack", None)
+    if st is None:
+        st = {}
+        model._steamviz_weight_stack = st
+    return st
+
+
+def _apply(p: torch.Tensor, op: str, d: torch.Tensor, index) -> None:
+    """One recorded change: ``add`` (``p += d``, or ``p[index] += d``) or ``set_flat``
+    (``p.reshape(-1)[index] = d``)."""
+    with torch.no_grad():
+        if op == "add":
+            if index is None:
+                p.data.add_(d)
+            else:
+                p.data[index] += d
+        else:
+            p.data.view(-1)[index] = d
 
 
 def _jsonable(info: dict) -> dict:
@@ -172,18 +243,55 @@ class WeightDelta:
         blob = save({k: v.contiguous() for k, v in self.deltas.items()}, metadata=meta)
         return write_bytes(path, blob)
 
-    def apply(self, model: nn.Module) -> WeightEdit:
-        """Apply to ``model`` (shapes are checked first: nothing is half-applied)."""
+    def digest(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256(self.method.encode())
+        for k in sorted(self.deltas):
+            h.update(k.encode())
+            h.update(self.deltas[k].detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def apply(self, model, force: bool = False) -> WeightEdit:
+        """Apply to ``model`` (an ``nn.Module`` or a steamviz LM). Checked first, so nothing is
+        half-applied: names and shapes; that the model's weights are the ones the delta was
+        made on (its provenance fingerprint; ``force=True`` skips this check); and that this
+        delta is not already in place on the model (refused even with ``force``)."""
+        if not isinstance(model, nn.Module):  # a steamviz LM
+            model = model.model
         params = dict(model.named_parameters())
         for k, v in self.deltas.items():
             if k not in params:
                 raise KeyError(f"edit touches {k!r}, which this model does not have")
             if params[k].shape != v.shape:
                 raise ValueError(f"{k}: delta shape {tuple(v.shape)} != {tuple(params[k].shape)}")
+        digest = self.digest()
+        if digest in getattr(model, "_steamviz_applied", {}):
+            raise ValueError(f"this {self.method} delta is already applied to this model (an "
+                             "active edit); restore that edit before applying it again")
+        want = (self.info.get("provenance") or {}).get("weights")
+        if not force:
+            if want is None:
+                raise ValueError("this delta records no provenance (saved by an older steamviz):"
+                                 " pass force=True to apply it to this model anyway")
+            from .models import fingerprint_model
+
+            have = fingerprint_model(model)
+            if have != want:
+                raise ValueError(
+                    f"this delta was made on other weights (fingerprint {want}, this model "
+                    f"{have}): another model, a fine-tune, or this model with other edits in "
+                    "place; pass force=True to apply it anyway")
         edit = WeightEdit(model, self.method, self.info)
         with edit.undo_on_error():
             for k, v in self.deltas.items():
                 edit.add_delta(k, v)
+        applied = getattr(model, "_steamviz_applied", None)
+        if applied is None:
+            applied = {}
+            model._steamviz_applied = applied
+        applied[digest] = edit.method
+        edit.on_restore(lambda: applied.pop(digest, None))
         return edit
 
 

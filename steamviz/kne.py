@@ -152,8 +152,13 @@ class KNEEdit(WeightEdit):
     """
 
     def __init__(self, model, method: str = "KNE", info: dict | None = None):
+        from .edits import provenance
+
+        prov = provenance(model)
         Edit.__init__(self, model, method, info)
+        self.info.setdefault("provenance", prov)
         self.sparse: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._touched: set[str] = set()
 
     @property
     def deltas(self) -> dict[str, torch.Tensor]:
@@ -167,22 +172,12 @@ class KNEEdit(WeightEdit):
         return out
 
     def set_entries(self, name: str, flat_idx: torch.Tensor, values: torch.Tensor) -> None:
-        """``param[name].reshape(-1)[flat_idx] = values``, undoably (originals kept)."""
+        """``param[name].reshape(-1)[flat_idx] = values``, undoably, in any order with other
+        weight edits (:class:`~steamviz.edits.WeightEdit`)."""
+        before = self.set_flat(name, flat_idx, values)
         p = dict(self.model.named_parameters())[name]
-        if not p.is_contiguous():
-            raise ValueError(f"{name} is not contiguous; cannot edit entries in place")
-        flat = p.data.view(-1)
-        idx = flat_idx.to(p.device)
-        with torch.no_grad():
-            orig = flat[idx].clone()
-
-            def undo(flat=flat, idx=idx, orig=orig):
-                flat[idx] = orig
-
-            self.on_restore(undo)
-            new = values.to(device=p.device, dtype=p.dtype)
-            flat[idx] = new
-        self.sparse[name] = (flat_idx.cpu(), (new.float() - orig.float()).cpu())
+        new = values.to(device=p.device, dtype=p.dtype)
+        self.sparse[name] = (flat_idx.cpu(), (new.float() - before.float()).cpu())
 
     def save(self, path):
         from .edits import _jsonable

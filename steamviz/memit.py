@@ -157,6 +157,8 @@ def apply(lm, requests, hparams: MEMITHparams | None = None, lam: float = 0.0,
     requests = [EditRequest.from_dict(r) if isinstance(r, dict) else r for r in requests]
     if not requests:
         raise ValueError("MEMIT needs at least one request")
+    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or lam < 0:
+        raise ValueError(f"lam must be a number >= 0 (0 is plain MEMIT), got {lam!r}")
     hp = hparams or MEMITHparams.for_model(lm)
     bad = [x for x in hp.layers if not 0 <= x < lm.n_layers]
     if bad:

@@ -93,7 +93,9 @@ def fingerprint_model(model: nn.Module, extra: str = "") -> str:
     Used to key caches (statistics, anchors, maps). Computed on the unedited model at load.
     """
     h = hashlib.sha256()
-    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
     h.update(extra.encode())
     with torch.no_grad():
         for name, p in sorted(model.state_dict().items()):

@@ -58,8 +58,15 @@ class EditRequest:
                 bad(fld, f"must be a non-empty string, got {v!r}")
         if self.prompt.count("{}") != 1:
             bad("prompt", f"must hold exactly one '{{}}' for the subject, got {self.prompt!r}")
+        if "{" in self.prompt.replace("{}", "") or "}" in self.prompt.replace("{}", ""):
+            bad("prompt", "must not hold braces other than the '{}' slot (write a literal "
+                f"brace as a character of the subject or drop it), got {self.prompt!r}")
         if self.target_true is not None and not isinstance(self.target_true, str):
             bad("target_true", f"must be a string or None, got {self.target_true!r}")
+        if isinstance(self.target_true, str) and \
+                self.target_true.strip() == self.target_new.strip():
+            bad("target_new", f"equals target_true ({self.target_new!r}): there is nothing to "
+                "edit; give the new object")
         if len(self.neighborhood_prompts) != len(self.neighborhood_answers):
             bad("neighborhood_answers", "must have one answer per neighborhood prompt")
         if len(self.portability_prompts) != len(self.portability_answers):
@@ -100,11 +107,14 @@ class EditRequest:
                 )
             prompt = prompt.replace(subject, "{}", 1)
         kw = {k: d.get(k) for k in ("relation_id", "case_id")}
-        lists = {
-            k: list(d.get(k) or [])
-            for k in ("paraphrase_prompts", "neighborhood_prompts", "neighborhood_answers",
-                      "portability_prompts", "portability_answers")
-        }
+        lists = {}
+        for k in ("paraphrase_prompts", "neighborhood_prompts", "neighborhood_answers",
+                  "portability_prompts", "portability_answers"):
+            v = d.get(k) or []
+            if isinstance(v, str):  # list("abc") would make one-character prompts
+                raise RequestError(f"{where}: field {k!r} must be a list of strings, got the "
+                                   f"string {v!r}; write [{v!r}]")
+            lists[k] = list(v)
         try:
             return cls(
                 prompt=prompt,
@@ -134,3 +144,20 @@ class EditRequest:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check_length(self, lm, extra_tokens: int = 64) -> "EditRequest":
+        """Raise :class:`RequestError` when a prompt (plus ``extra_tokens`` for context
+        prefixes and answers) does not fit the model's context window."""
+        window = getattr(getattr(lm.model, "config", None), "max_position_embeddings", None)
+        if not window:
+            return self
+        prompts = [self.rewrite_prompt] + self.paraphrase_prompts + self.neighborhood_prompts \
+            + self.portability_prompts
+        for p in prompts:
+            n = len(lm.tok(p, add_special_tokens=False)["input_ids"]) + len(lm.prefix_ids)
+            if n + extra_tokens > window:
+                raise RequestError(
+                    f"case {self.case_id!r}: a prompt of {n:,} tokens (+{extra_tokens} for "
+                    f"context and answer) does not fit the model's window of {window:,} "
+                    f"tokens: {p[:60]!r}...; shorten it")
+        return self

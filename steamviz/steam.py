@@ -91,6 +91,8 @@ def apply(
     ``hparams.early_stop_loss = 0`` (what sweeps do)."""
     if isinstance(request, dict):
         request = EditRequest.from_dict(request)
+    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or lam < 0:
+        raise ValueError(f"lam must be a number >= 0 (0 is plain ROME), got {lam!r}")
     hp = hparams or rome.ROMEHparams.for_model(lm)
     layers = default_layers(lm, hp.layer) if layers is None else list(layers)
     if anchor is None:

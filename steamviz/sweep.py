@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,8 +107,9 @@ class SweepConfig:
         need(isinstance(self.methods, list) and self.methods, "methods", "a non-empty list")
         for m in self.methods:
             need(str(m).lower() in METHODS, "methods", f"each one of {sorted(METHODS)}")
-        need(isinstance(self.lams, list) and all(isinstance(x, (int, float)) for x in self.lams),
-             "lams", "a list of numbers")
+        need(isinstance(self.lams, list) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0
+            for x in self.lams), "lams", "a list of numbers >= 0")
         need(isinstance(self.n_edits, int) and self.n_edits > 0, "n_edits", "a positive integer")
         need(self.edit_layers is None or (isinstance(self.edit_layers, list) and all(
             isinstance(x, int) for x in self.edit_layers)), "edit_layers", "null or a list of ints")
@@ -131,11 +133,26 @@ class SweepConfig:
             str(k).lower() in METHODS and isinstance(v, dict)
             for k, v in self.method_params.items()), "method_params",
             f"a mapping of method (one of {sorted(METHODS)}) to a mapping of parameters")
+        for key, typ, least in (("offset", int, 0), ("knn_k", int, 1), ("max_new_tokens", int, 1),
+                                ("seed", int, None)):
+            v = getattr(self, key)
+            need(isinstance(v, typ) and not isinstance(v, bool) and (least is None or v >= least),
+                 key, f"an integer{'' if least is None else f' >= {least}'}")
+        need(self.bank_size is None or (isinstance(self.bank_size, int) and not isinstance(
+            self.bank_size, bool) and self.bank_size >= 1), "bank_size", "null or an integer >= 1")
+        for key in ("generation", "include_unedited"):
+            need(isinstance(getattr(self, key), bool), key, "true or false")
+        need(isinstance(self.device, str) and (
+            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")),
+            "device", '"auto", "cpu", "cuda", "cuda:N" or "mps"')
+        for key in ("edit_layers",):
+            v = getattr(self, key) or []
+            need(all(x >= 0 for x in v), key, "block indices >= 0")
+        need(isinstance(self.hparams, dict), "hparams", "a mapping of ROME hyperparameters")
         from .rome import ROMEHparams
 
-        ok = {f.name for f in dataclasses.fields(ROMEHparams)}
-        for k in self.hparams:
-            need(k in ok, "hparams", f"keys among {sorted(ok)}")
+        why = ROMEHparams.check_overrides(self.hparams)
+        need(why is None, "hparams", why)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -204,32 +221,106 @@ def point_key(fingerprint: str, request: dict, point: dict, hparams: dict, seed:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-class Store:
-    """``RUN/points/<key>.json``: one atomically written file per finished point."""
+class StoreBusy(RuntimeError):
+    """Another process is writing to this run folder."""
 
-    def __init__(self, run_dir):
-        self.dir = Path(run_dir) / "points"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(".*"):  # temp files of a write killed mid-way
-            stale.unlink(missing_ok=True)
+
+class Store:
+    """``RUN/points/<key>.json``: one atomically written file per finished point.
+
+    A writer (``writer=True``, what :func:`run_sweep` opens) holds ``RUN/.lock`` until
+    :meth:`close`, so two sweeps never write one folder (the second gets :class:`StoreBusy`),
+    and only the lock holder removes temp files of writes killed mid-way. A point file that
+    does not parse, or names another key, does not count as done: :meth:`quarantine` moves it
+    to ``RUN/points-corrupt/`` so it is recomputed, and :meth:`rows` never drops one silently.
+    """
+
+    def __init__(self, run_dir, writer: bool = False):
+        self.run = Path(run_dir)
+        self.dir = self.run / "points"
+        self._lock = None
+        self._ok: set[str] = set()
+        if writer:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock = _lock(self.run / ".lock")
+            for stale in self.dir.glob(".*"):  # temp files of a write killed mid-way
+                stale.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
+
+    def _read(self, p: Path) -> dict | None:
+        try:
+            row = json.loads(p.read_text())
+        except (OSError, ValueError):
+            return None
+        return row if isinstance(row, dict) and row.get("key") == p.stem else None
 
     def has(self, key: str) -> bool:
-        return (self.dir / f"{key}.json").exists()
+        if key in self._ok:
+            return True
+        p = self.dir / f"{key}.json"
+        if p.exists() and self._read(p) is not None:
+            self._ok.add(key)
+            return True
+        return False
 
     def put(self, key: str, row: dict) -> None:
         write_json(self.dir / f"{key}.json", dict(row, key=key))
+        self._ok.add(key)
+
+    def quarantine(self) -> list[Path]:
+        """Move every point file that does not parse (or names another key) to
+        ``RUN/points-corrupt/``; return where they went."""
+        moved = []
+        for p in sorted(self.dir.glob("*.json")):
+            if self._read(p) is None:
+                dest = self.run / "points-corrupt" / f"{p.stem}.{int(time.time())}.json"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(p, dest)
+                moved.append(dest)
+        return moved
 
     def rows(self) -> list[dict]:
-        out = []
-        for p in sorted(self.dir.glob("*.json")):
-            try:
-                out.append(json.loads(p.read_text()))
-            except (OSError, ValueError):  # cannot happen with atomic writes; be safe
-                continue
+        out, bad = [], []
+        for p in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
+            row = self._read(p)
+            if row is None:
+                bad.append(p.name)
+            else:
+                out.append(row)
+        if bad:
+            import warnings
+
+            warnings.warn(f"{len(bad)} point file(s) in {self.dir} cannot be read and are left "
+                          f"out ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); run the "
+                          "sweep again to move them aside and recompute them", stacklevel=2)
         return out
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows())
+
+
+def _lock(path: Path):
+    """An exclusive, non-blocking flock on ``path`` (held while the file stays open)."""
+    import fcntl
+
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        raise StoreBusy(f"run folder {path.parent} is in use by {who}; wait for that sweep to "
+                        "finish, or write to another folder (--out)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    return f
 
 
 def _versions() -> dict:
@@ -419,25 +510,63 @@ class Runner:
         return out
 
 
+def _config_change(run_dir: Path, cfg: SweepConfig) -> list[str]:
+    """The config keys that differ from the config recorded in ``run_dir`` (none if there
+    is no record or no point yet)."""
+    import yaml
+
+    old_path = run_dir / "config.yaml"
+    if not old_path.exists() or not any((run_dir / "points").glob("*.json")):
+        return []
+    try:
+        old = yaml.safe_load(old_path.read_text()) or {}
+    except yaml.YAMLError:
+        return ["(unreadable config.yaml)"]
+    new = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
 def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
-              log=print, executor: str = "local", **executor_options) -> pd.DataFrame:
+              log=print, executor: str = "local", force: bool = False,
+              **executor_options) -> pd.DataFrame:
     """Run every (request, grid point) not yet in ``run_dir``'s store; return all rows.
 
     ``executor``: ``"local"`` (this process) or ``"ray"`` (a Ray cluster; ``executor_options``
-    such as ``address``, ``workers`` go to :class:`steamviz.executors.RayExecutor`)."""
+    such as ``address``, ``workers`` go to :class:`steamviz.executors.RayExecutor`).
+    A run folder holds the points of one config: a changed config is refused (before any
+    work) unless ``force``, which adds its points to the folder and keeps every config in
+    ``RUN/config-history/``."""
     from tqdm.auto import tqdm
 
     from .executors import make_executor
 
     cfg.validate()
-    ex = make_executor(executor, cfg, lm=lm, log=log, **executor_options)  # fails before any work
     run_dir = Path(run_dir)
-    store = Store(run_dir)
+    changed = _config_change(run_dir, cfg)
+    if changed and not force:
+        raise ConfigError(
+            f"{run_dir} holds points of another config (changed: {', '.join(changed)}); write "
+            "to another folder, or pass force=True (--force) to add this config's points to it")
+    ex = make_executor(executor, cfg, lm=lm, log=log, **executor_options)  # fails before any work
+    try:
+        store = Store(run_dir, writer=True)
+    except StoreBusy:
+        ex.close()
+        raise
     import yaml
 
-    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    write_json(run_dir / "versions.json", _versions())
     try:
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        write_text(run_dir / "config.yaml", text)
+        hist = run_dir / "config-history"
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        if not (hist / f"{digest}.yaml").exists():
+            write_text(hist / f"{digest}.yaml", text)
+        write_json(run_dir / "versions.json", _versions())
+        moved = store.quarantine()
+        if moved:
+            log(f"[steamviz] {len(moved)} point file(s) could not be read; moved to "
+                f"{moved[0].parent} and computed again")
         work = ex.plan()  # [(keys, requests edited together, point)]
         left = [w for w in work if not all(store.has(k) for k in w[0])]
         n_all, n_left = sum(len(w[0]) for w in work), sum(len(w[0]) for w in left)
@@ -456,6 +585,7 @@ def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
         bar.close()
     finally:
         ex.close()
+        store.close()
     keys = {k for w in work for k in w[0]}
     df = store.frame()
     return df[df.key.isin(keys)].reset_index(drop=True) if len(df) else df

@@ -78,8 +78,9 @@ def test_counterfact_easyedit_val_whole_file_and_sniffing():
 @needs_shared
 def test_zsre_with_portability():
     path = SHARED / "zsre_portability/zsre_portability.json"
-    reqs = load_zsre(path)
-    assert len(reqs) == 518
+    with pytest.warns(UserWarning, match="20 zsRE record\\(s\\) whose 'alt' equals the answer"):
+        reqs = load_zsre(path)
+    assert len(reqs) == 518 - 20 and 47 not in {r.case_id for r in reqs}
     r = reqs[0]
     assert r.case_id == 0
     assert r.subject == "Ramalinaceae"
@@ -96,9 +97,10 @@ def test_zsre_with_portability():
     # EasyEdit stores some new targets with a leading space: record 9 is " MAT-49"
     raw = json.loads(path.read_text())
     assert raw[9]["alt"] == " MAT-49"
-    assert reqs[9].target_new == "MAT-49"
+    assert reqs[9].target_new == "MAT-49" and reqs[9].case_id == 9
     assert not any(q.target_new != q.target_new.strip() for q in reqs)
-    assert load_requests(path, limit=5) == reqs[:5]
+    with pytest.warns(UserWarning):
+        assert load_requests(path, limit=50) == [r for r in reqs if r.case_id < 50]
 
 
 @needs_shared

@@ -1,0 +1,69 @@
+"""Bad requests and parameters are refused up front, each with a message naming the fix."""
+
+import pytest
+
+from steamviz import editors
+from steamviz.requests import EditRequest, RequestError
+
+BASE = dict(prompt="{} is located in", subject="Toronto", target_new="Japan",
+            target_true="Canada")
+
+
+def test_a_string_where_a_list_belongs_is_refused():
+    with pytest.raises(RequestError, match="'paraphrase_prompts' must be a list of strings, got "
+                                           "the string"):
+        EditRequest.from_dict(dict(BASE, paraphrase_prompts="Toronto is in"))
+
+
+def test_a_prompt_with_other_braces_is_refused():
+    with pytest.raises(RequestError, match="must not hold braces other than"):
+        EditRequest(**dict(BASE, prompt="{} is {x} in"))
+
+
+def test_an_edit_that_changes_nothing_is_refused():
+    with pytest.raises(RequestError, match="equals target_true"):
+        EditRequest(**dict(BASE, target_new="Canada"))
+
+
+def test_a_prompt_longer_than_the_window_is_refused_before_editing(tiny):
+    window = tiny.model.config.max_position_embeddings
+    long = EditRequest(**dict(BASE, prompt="{} is " + "very " * window + "far from"))
+    with pytest.raises(RequestError, match="does not fit the model's window"):
+        editors.edit(tiny, long, "rome")
+
+
+@pytest.mark.parametrize("lam", [-1.0, "5", True])
+def test_a_bad_alignment_strength_is_refused(tiny, lam):
+    with pytest.raises(ValueError, match="lam must be a number >= 0"):
+        editors.edit(tiny, EditRequest(**BASE), "steam-rome", lam=lam)
+
+
+def test_negative_lambdas_in_a_sweep_config_are_refused():
+    from steamviz.sweep import ConfigError, SweepConfig
+
+    with pytest.raises(ConfigError, match="'lams': a list of numbers >= 0"):
+        SweepConfig.from_dict(dict(lams=[-5.0]))
+
+
+@pytest.mark.parametrize("bad, key", [
+    (dict(generation="no"), "generation"), (dict(offset=-1), "offset"),
+    (dict(knn_k=0), "knn_k"), (dict(max_new_tokens=-5), "max_new_tokens"),
+    (dict(bank_size=-3), "bank_size"), (dict(seed="x"), "seed"),
+    (dict(device="nosuch"), "device"), (dict(edit_layers=[-1]), "edit_layers"),
+    (dict(hparams=dict(v_lr="abc")), "hparams"), (dict(hparams=dict(layer=2.5)), "hparams"),
+    (dict(hparams=dict(v_num_grad_steps=0)), "hparams"),
+])
+def test_bad_sweep_values_are_refused_naming_the_key(bad, key):
+    from steamviz.sweep import ConfigError, SweepConfig
+
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        SweepConfig.from_dict(bad)
+
+
+def test_every_shipped_config_is_valid():
+    from pathlib import Path
+
+    from steamviz.sweep import SweepConfig
+
+    for p in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
+        SweepConfig.from_yaml(p)

@@ -1,0 +1,70 @@
+"""The results store never counts a corrupt point as done, never drops one silently, and
+refuses a second writer."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from steamviz.sweep import Store, StoreBusy
+
+
+def _filled(tmp_path, n=3):
+    s = Store(tmp_path, writer=True)
+    for i in range(n):
+        s.put(f"k{i}", dict(case_id=i, efficacy=1.0))
+    return s
+
+
+def test_a_truncated_point_is_not_done_and_is_moved_aside(tmp_path):
+    s = _filled(tmp_path)
+    s.close()
+    p = tmp_path / "points" / "k1.json"
+    p.write_text(p.read_text()[:10])  # truncated
+    (tmp_path / "points" / "k2.json").write_text(json.dumps(dict(key="other", x=1)))
+    s = Store(tmp_path, writer=True)
+    assert s.has("k0") and not s.has("k1") and not s.has("k2")
+    with pytest.warns(UserWarning, match="2 point file\\(s\\) .* cannot be read"):
+        assert [r["key"] for r in s.rows()] == ["k0"]
+    moved = s.quarantine()
+    assert sorted(m.name.split(".")[0] for m in moved) == ["k1", "k2"]
+    assert all(m.parent.name == "points-corrupt" for m in moved)
+    assert [r["key"] for r in s.rows()] == ["k0"]  # nothing left to warn about
+    s.close()
+
+
+def test_a_second_writer_is_refused_and_temp_files_survive(tmp_path):
+    s = _filled(tmp_path)
+    tmp = tmp_path / "points" / ".k9.json.inflight"
+    tmp.write_text("{")  # the first writer's atomic write in flight
+    with pytest.raises(StoreBusy, match="in use by pid .*another folder"):
+        Store(tmp_path, writer=True)
+    code = ("import sys; from steamviz.sweep import Store, StoreBusy\n"
+            "try:\n    Store(sys.argv[1], writer=True)\nexcept StoreBusy as e:\n"
+            "    print(e); sys.exit(3)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True)
+    assert out.returncode == 3 and "in use" in out.stdout
+    assert tmp.exists()  # the refused process did not clean the holder's temp file
+    assert [r["key"] for r in Store(tmp_path).rows()] == ["k0", "k1", "k2"]  # readers are free
+    s.close()
+    Store(tmp_path, writer=True).close()  # free again once the first writer is done
+    assert not tmp.exists()
+
+
+def test_a_changed_config_is_refused_before_any_work(tmp_path):
+    from steamviz.sweep import ConfigError, SweepConfig, _config_change, run_sweep
+
+    cfg = SweepConfig.from_dict(dict(n_edits=2, generation=False))
+    s = _filled(tmp_path)
+    s.close()
+    import yaml
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    assert _config_change(tmp_path, cfg) == []
+    other = SweepConfig.from_dict(dict(n_edits=3, lams=[5.0], generation=False))
+    assert _config_change(tmp_path, other) == ["lams", "n_edits"]
+    with pytest.raises(ConfigError, match="changed: lams, n_edits.*--force"):
+        run_sweep(other, tmp_path, lm=object())  # refused before the model is touched
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["n_edits"] == 2
