@@ -11,21 +11,20 @@ across edits and lambda values.
 
 ``method="umap"`` (umap-learn, after a PCA pre-reduction; fixed seed) or ``"pca"`` (fast).
 umap is imported on first use only (numba compiles its kernels; their on-disk cache lives
-in the steamviz cache dir, so later processes start faster). Fitted maps are cached on disk
-by a hash of the data and settings.
+in the steamviz cache dir, so later processes start faster). Fitted maps are kept in memory
+by a hash of the data and settings, for the life of the process; they are not written to
+disk (a fitted UMAP object can only be stored with pickle, which can run code when loaded).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .io import write_bytes
 from .models import cache_dir
 
 
@@ -166,13 +165,9 @@ def fit_map(
                     n_epochs=n_epochs, exact=len(x) <= exact_max)
     h = hashlib.sha256(x.tobytes())
     h.update(repr(sorted(settings.items())).encode())
-    path = cache_dir() / "maps" / f"{h.hexdigest()[:20]}.pkl"
-    if use_cache and path.exists():
-        try:
-            with open(path, "rb") as f:
-                return pickle.load(f)
-        except Exception:
-            path.unlink(missing_ok=True)
+    key = h.hexdigest()[:20]
+    if use_cache and key in _MAPS:
+        return _MAPS[key]
     mu = x.mean(0) if center else None
     xc = x - mu if center else x
     k = min(pca_dims if method == "umap" else n_components, min(xc.shape) - 1)
@@ -196,5 +191,14 @@ def fit_map(
         emb = z[:, :n_components]
     m = LatentMap(method, n_components, pca, reducer, mu, np.asarray(emb), settings)
     if use_cache:
-        write_bytes(path, pickle.dumps(m))
+        _MAPS[key] = m
+        while len(_MAPS) > 16:
+            _MAPS.pop(next(iter(_MAPS)))
     return m
+
+
+_MAPS: dict[str, LatentMap] = {}
+
+
+def clear_caches() -> None:
+    _MAPS.clear()

@@ -113,3 +113,16 @@ def test_no_module_or_notebook_points_outside_the_repository():
         if "shared/notes" in p.read_text():
             bad.append(p.name)
     assert not bad, f"these refer to ../shared/notes (outside the repository): {bad}"
+
+
+def test_nothing_in_the_package_loads_pickles():
+    """Cache files must not be able to run code: no pickle loads, no torch.load without
+    weights_only, no numpy pickles."""
+    bad = []
+    for p in (ROOT / "steamviz").rglob("*.py"):
+        text = p.read_text()
+        for needle in ("pickle.load", "weights_only=False", "allow_pickle=True", "torch.load(",
+                       "import pickle", "cloudpickle"):
+            if needle in text:
+                bad.append(f"{p.name}: {needle}")
+    assert not bad, bad
