@@ -57,15 +57,25 @@ def _renamed(facts, source: str) -> list[Fact]:
             for f in facts]
 
 
+def _polyglot_rows(path):
+    path = Path(path)
+    if path.suffix == ".parquet":  # the published file
+        import pandas as pd
+
+        yield from pd.read_parquet(path).to_dict(orient="records")
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():  # JSON lines
+        if line.strip():
+            yield json.loads(line)
+
+
 def load_polyglot(path) -> list[Fact]:
-    """Polyglot-or-Not English fact completion (JSON lines): subject, relation (Wikidata id),
-    the true object, and the stem with the subject's first occurrence as the template. Rows
-    whose stem does not contain the subject, or holds braces, are skipped."""
+    """Polyglot-or-Not English fact completion (the published parquet file, or JSON lines):
+    subject, relation (Wikidata id), the true object, and the stem with the subject's first
+    occurrence as the template. Rows whose stem does not contain the subject, or holds
+    braces, are skipped."""
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
+    for r in _polyglot_rows(path):
         stem, subj, obj = r.get("stem", ""), str(r.get("subject", "")).strip(), \
             str(r.get("true", "")).strip()
         if not subj or not obj or subj not in stem or "{" in stem or "}" in stem:
@@ -114,7 +124,7 @@ def load_pool(sources=SOURCES, extra=None) -> list[Fact]:
             parts.append(_renamed(load_reference_facts(), src))
         elif src == "polyglot":
             parts.append(load_polyglot(fetch.path(
-                "polyglot", "polyglot_fact_completion_en/en-fact-completion-3-21-23.jsonl")))
+                "polyglot", "polyglot_fact_completion_en/en-fact-completion-3-21-23.parquet")))
         elif src == "pararel":
             parts.append(load_pararel(fetch.path("pararel", "pararel")))
         elif src == "lre":

@@ -63,3 +63,17 @@ def test_coverage_of_the_default_edit_set_with_the_project_facts(lm):
     reqs = load_edits(limit=20)
     rep = pool.coverage(lm, reqs, pool.load_pool(sources=("project",)))
     assert rep["share"] >= 0.8, rep
+
+
+def test_the_published_parquet_and_the_mirror_conversion_give_the_same_facts():
+    from conftest import data_missing
+
+    from steamviz import fetch
+
+    why = data_missing("polyglot")
+    if why:
+        pytest.skip(why)
+    root = "polyglot_fact_completion_en/en-fact-completion-3-21-23"
+    a = pool.load_polyglot(fetch.path("polyglot", root + ".parquet"))
+    b = pool.load_polyglot(fetch.path("polyglot", root + ".jsonl"))
+    assert a == b and len(a) > 20_000
