@@ -1,7 +1,8 @@
 """Semantic anchors (STEAM's latent positioning): where the model keeps an object.
 
 For a new object o*: take the reference facts whose object is o*, keep those the unedited
-model recalls (greedy prefix match: every answer token is the argmax), sample them
+model recalls (by default greedy: every answer token is the argmax; see
+:func:`recall_rule_ok` for the looser ``topK`` rules), sample them
 stratified by relation (``n_per_relation``, seeded), read the residual stream at the token
 that predicts o* (each prompt's last token) at every layer, and average per layer: phi^l.
 
@@ -52,53 +53,82 @@ class Anchor:
         return f"Anchor({self.object!r}, facts={self.n}, layers={self.phi.shape[0]})"
 
 
-_RECALL: dict[tuple, bool] = {}  # (fingerprint, prompt, object) -> recalled
+#: per model fingerprint: (prompt, object) -> (greedy, rank of the answer's first token)
+_RECALL: dict[str, dict[tuple[str, str], tuple[bool, int]]] = {}
 _ANCHORS: dict[tuple, Anchor] = {}
+
+#: recall rules (see :func:`recall_rule_ok`)
+RECALL_RULES = ("greedy", "top3", "top5", "top10")
+
+
+def recall_rule_ok(rule: str) -> str | None:
+    """Why ``rule`` is not a recall rule, or None. ``"greedy"``: every answer token is the
+    model's argmax (it would generate the object). ``"topK"``: the answer's first token is
+    among the model's K most likely next tokens (a looser reading of "knows", for small
+    models whose first choice is often an article)."""
+    if rule == "greedy" or (isinstance(rule, str) and rule.startswith("top")
+                            and rule[3:].isdigit() and int(rule[3:]) >= 1):
+        return None
+    return f"recall rule {rule!r}: use 'greedy' or 'topK' (e.g. 'top3')"
 
 
 def _recall_file(lm):
-    return cache_dir() / "recall" / f"{lm.fingerprint}.json"
+    return cache_dir() / "recall" / f"{lm.fingerprint}.jsonl"
 
 
-def _load_recall(lm) -> None:
-    """Read this model's recall results from the disk cache once per process."""
+def _known(lm) -> dict[tuple[str, str], tuple[bool, int]]:
+    """This model's recall results, read from the disk cache once per process (an append-only
+    JSON-lines file; a torn last line from a killed process is skipped)."""
     import json
 
-    tag = (lm.fingerprint, "__loaded__", str(cache_dir()))
-    if tag in _RECALL:
-        return
-    _RECALL[tag] = True
+    if lm.fingerprint in _RECALL:
+        return _RECALL[lm.fingerprint]
+    known: dict[tuple[str, str], tuple[bool, int]] = {}
     try:
-        stored = json.loads(_recall_file(lm).read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(stored, dict):
-        for k, v in stored.items():
-            prompt, _, obj = k.partition("\t")
-            if isinstance(v, bool):
-                _RECALL[(lm.fingerprint, prompt, obj)] = v
+        lines = _recall_file(lm).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            prompt, obj, greedy, rank = json.loads(line)
+            known[(str(prompt), str(obj))] = (bool(greedy), int(rank))
+        except (ValueError, TypeError):
+            continue
+    _RECALL[lm.fingerprint] = known
+    return known
 
 
-def recalled(lm, facts, batch_size: int = 64) -> list[bool]:
-    """Whether the unedited model completes each fact's prompt with its object (greedy).
-    Results are kept per model fingerprint, in memory and in the cache dir (JSON).
+def recalled(lm, facts, batch_size: int = 64, rule: str = "greedy") -> list[bool]:
+    """Whether the unedited model recalls each fact's object after its prompt, under
+    ``rule`` (:func:`recall_rule_ok`; default ``"greedy"``). One teacher-forced pass per new
+    fact; results are kept per model fingerprint, in memory and in the cache dir.
     Raises :class:`~steamviz.edits.EditedModelError` while an edit is in place."""
+    why = recall_rule_ok(rule)
+    if why:
+        raise ValueError(why)
     require_unedited(lm.model, "a recall check")
-    _load_recall(lm)
+    known = _known(lm)
     todo = list({(f.prompt, f.object): f for f in facts
-                 if (lm.fingerprint, f.prompt, f.object) not in _RECALL}.values())
+                 if (f.prompt, f.object) not in known}.values())
     if todo:
         import json
-
-        from .io import write_text
+        import os
 
         res = target_logprobs(lm, [f.prompt for f in todo], [f.object for f in todo], batch_size)
+        lines = []
         for f, r in zip(todo, res):
-            _RECALL[(lm.fingerprint, f.prompt, f.object)] = bool(r["greedy"])
-        mine = {f"{k[1]}\t{k[2]}": v for k, v in _RECALL.items()
-                if k[0] == lm.fingerprint and isinstance(v, bool) and k[1] != "__loaded__"}
-        write_text(_recall_file(lm), json.dumps(mine))
-    return [_RECALL[(lm.fingerprint, f.prompt, f.object)] for f in facts]
+            known[(f.prompt, f.object)] = (bool(r["greedy"]), int(r["first_rank"]))
+            lines.append(json.dumps([f.prompt, f.object, bool(r["greedy"]),
+                                     int(r["first_rank"])]) + "\n")
+        path = _recall_file(lm)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:  # whole lines, one write
+            fh.write("".join(lines))
+            fh.flush()
+            os.fsync(fh.fileno())
+    k = None if rule == "greedy" else int(rule[3:])
+    return [known[(f.prompt, f.object)][0] if k is None else known[(f.prompt, f.object)][1] < k
+            for f in facts]
 
 
 def _facts_key(facts) -> str:
@@ -115,6 +145,7 @@ def build_anchor(
     n_per_relation: int = 8,
     seed: int = 0,
     require_recall: bool = True,
+    recall_rule: str = "greedy",
     min_facts: int = 3,
     warn_below: int = 6,
     exclude_subjects: tuple = (),
@@ -133,6 +164,8 @@ def build_anchor(
     mine = [f for f in facts if f.object == obj and f.subject not in exclude_subjects]
     settings = dict(n_per_relation=n_per_relation, seed=seed, require_recall=require_recall,
                     exclude=sorted(exclude_subjects))
+    if recall_rule != "greedy":  # (the default keeps the keys of anchors cached before)
+        settings["recall_rule"] = recall_rule
     key = (lm.fingerprint, obj, repr(sorted(settings.items())), _facts_key(mine))
     require_unedited(lm.model, f"the anchor of {obj!r}")
     if use_cache and key in _ANCHORS:
@@ -144,7 +177,7 @@ def build_anchor(
         if a is not None:
             _ANCHORS[key] = a
             return a
-    ok = recalled(lm, mine) if require_recall else [True] * len(mine)
+    ok = recalled(lm, mine, rule=recall_rule) if require_recall else [True] * len(mine)
     by_rel: dict[str, list] = {}
     for f, r in zip(mine, ok):
         by_rel.setdefault(f.relation, []).append((f, r))

@@ -493,7 +493,7 @@ def apply(lm, request: EditRequest | dict, hparams: BaFTHparams | None = None) -
 def _register() -> None:
     from .editors import register
 
-    @register("baft")
+    @register("baft", params=BaFTHparams, extra=("layer",))
     def _baft(lm, request, hparams=None, layer: int | None = None, **hp):
         base = hparams if isinstance(hparams, BaFTHparams) else BaFTHparams.for_model(lm)
         if layer is not None:

@@ -46,6 +46,7 @@ class ClaimsConfig:
     hparams: dict = field(default_factory=dict)  # ROME overrides (e.g. fewer steps in tests)
     max_new_tokens: int = 20
     bank_size: int = 2000
+    recall_rule: str = "greedy"  # which reference facts count as known (anchors.recall_rule_ok)
 
 
 #: (claim, metric, data, kind, margin): kind "up" or "kept"; margin of "kept" in metric units
@@ -73,12 +74,14 @@ def verdict(kind: str, low: float, high: float, margin: float = 0.0) -> str:
             else "inconclusive")
 
 
-def _anchored(lm, requests, seeds, facts, n: int, log) -> tuple[list, dict]:
+def _anchored(lm, requests, seeds, facts, n: int, log, rule: str = "greedy"
+              ) -> tuple[list, dict]:
     """The first ``n`` requests whose new object has an anchor for every seed (the others
     excluded from anchors as in the run), and the reasons of those without one."""
     from .references import build_references
 
-    refs = build_references(lm, requests, seeds=tuple(seeds), facts=facts, n_control=0)
+    refs = build_references(lm, requests, seeds=tuple(seeds), facts=facts, n_control=0,
+                            anchor_kw={} if rule == "greedy" else {"recall_rule": rule})
     keep, why = [], {}
     for r in requests:
         miss = [refs.missing.get((r.target_new, s)) for s in seeds]
@@ -140,8 +143,8 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print) -> pd.DataFrame:
                                    single_edit_only=True)]
     port += load_zsre(fetch.path("zsre", "zsre_portability/zsre_portability.json"))
     port = [r for r in port if r.portability_prompts][: 3 * cfg.n_port]
-    cf, cf_why = _anchored(lm, cf, cfg.seeds, facts, cfg.n_cf, log)
-    port, port_why = _anchored(lm, port, cfg.seeds, facts, cfg.n_port, log)
+    cf, cf_why = _anchored(lm, cf, cfg.seeds, facts, cfg.n_cf, log, cfg.recall_rule)
+    port, port_why = _anchored(lm, port, cfg.seeds, facts, cfg.n_port, log, cfg.recall_rule)
     lam_c = cfg.centred_lam if cfg.centred_lam is not None else tune_centred_lambda(
         lm, cfg, run, log)
     frames = {}
@@ -149,7 +152,8 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print) -> pd.DataFrame:
         data = _write_requests(run / f"requests-{part}.jsonl", reqs)
         base = dict(data=data, n_edits=len(reqs), anchor_seeds=list(cfg.seeds),
                     reference_facts="pool", generation=gen, max_new_tokens=cfg.max_new_tokens,
-                    hparams=dict(cfg.hparams), bank_size=cfg.bank_size)
+                    hparams=dict(cfg.hparams), bank_size=cfg.bank_size,
+                    recall_rule=cfg.recall_rule)
         raw = SweepConfig.from_dict(dict(base, methods=["rome", "steam-rome"],
                                          lams=[float(x) for x in cfg.lams], centered=[False]))
         cen = SweepConfig.from_dict(dict(base, methods=["steam-rome"], lams=[float(lam_c)],

@@ -12,52 +12,15 @@ from pathlib import Path
 
 
 def _demo(args) -> int:
-    import numpy as np
     import torch
 
-    from .arch import final_readout
-    from .capture import capture
-    from .io import write_bytes, write_json, write_text
+    from .demo import run_demo
     from .models import load_model
 
+    _check_device(args.device)
     torch.manual_seed(0)
-    t0 = time.time()
     lm = load_model(args.model, device=args.device)
-    prompts = [
-        ("The capital of France is", "France"),
-        ("The official language of Brazil is", "Brazil"),
-        ("Toronto is located in the country of", "Toronto"),
-        ("The Eiffel Tower is in the city of", "Eiffel Tower"),
-    ]
-    cap = capture(lm, [p for p, _ in prompts], positions=("last", "subject_last"),
-                  subjects=[s for _, s in prompts])
-    last = cap.get("last")  # [prompt, layer, hidden]
-    with torch.no_grad():
-        lens = final_readout(lm.model, last).argmax(-1)  # [prompt, layer]
-    out = Path(args.out)
-    rows = []
-    for i, (p, s) in enumerate(prompts):
-        rows.append(dict(
-            prompt=p, subject=s,
-            answer=lm.tok.decode([int(lens[i, -1])]),
-            logit_lens=[lm.tok.decode([int(t)]) for t in lens[i]],
-            norm_last=[round(float(x), 2) for x in last[i].norm(dim=-1)],
-        ))
-    import io
-
-    buf = io.BytesIO()
-    np.savez_compressed(buf, tensor=cap.numpy())
-    write_bytes(out / "capture.npz", buf.getvalue())
-    write_json(out / "report.json", dict(model=repr(lm), layers=cap.layers,
-                                         positions=cap.positions, prompts=rows))
-    md = [f"# steamviz demo\n\nModel: `{lm!r}`\n\nCaptured `{tuple(cap.tensor.shape)}` "
-          "= [prompt, layer, position, hidden].\n",
-          "| prompt | answer | logit lens (every 5th layer) |", "|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['prompt']} | {r['answer']!r} | {' / '.join(map(repr, r['logit_lens'][::5]))} |")
-    write_text(out / "report.md", "\n".join(md) + "\n")
-    print("\n".join(md))
-    print(f"\nwrote {out}/report.md, report.json, capture.npz in {time.time() - t0:.1f} s")
+    run_demo(lm, args.out, n_edits=args.n, lam=args.lam, png=not args.no_png)
     return 0
 
 
@@ -110,9 +73,11 @@ def _check_device(device: str) -> None:
                          "CUDA device; use --device cpu (or auto), or install a CUDA build")
 
 
-def _check_edit_args(method: str, lam, params: dict) -> dict:
-    """Everything about the editor that can be checked before the model loads."""
-    from .editors import METHODS, _load_builtin
+def _check_edit_args(method: str, lam, params: dict, model=None) -> dict:
+    """Everything about the editor that can be checked before the model loads (block
+    indices against the depth in ``model``'s config)."""
+    from .editors import METHODS, _load_builtin, check_params
+    from .models import model_depth
 
     _load_builtin()
     if method.lower() not in METHODS:
@@ -124,13 +89,9 @@ def _check_edit_args(method: str, lam, params: dict) -> dict:
         if lam < 0:
             raise UsageError(f"--lam {lam:g}: must be >= 0")
         params = dict(params, lam=lam)
-    if method.lower() in ("rome", "steam-rome"):
-        from .rome import ROMEHparams
-
-        why = ROMEHparams.check_overrides({k: v for k, v in params.items()
-                                           if k not in ("lam", "layers", "centered")})
-        if why:
-            raise UsageError(f"--param: {why}")
+    why = check_params(method, params, model_depth(model))
+    if why:
+        raise UsageError(f"--param: {why}")
     return params
 
 
@@ -145,7 +106,7 @@ def _eval(args) -> int:
     _check_device(args.device)
     params = {} if args.layer is None else {"layer": args.layer}
     params.update(_params(args.param))
-    params = _check_edit_args(args.method, args.lam, params)
+    params = _check_edit_args(args.method, args.lam, params, args.model)
     reqs = load_named(args.data, args.n)  # a bad data name or file fails before the model
     lm = load_model(args.model, device=args.device)
     df = evaluation.run(lm, reqs, method=args.method, generation=not args.no_generation,
@@ -253,13 +214,18 @@ def _pool(args) -> int:
     from .io import write_json
     from .models import load_model
 
+    from .anchors import recall_rule_ok
+
+    if recall_rule_ok(args.recall):
+        raise UsageError(f"--recall: {recall_rule_ok(args.recall)}")
     reqs = load_named(args.data, args.n)  # data errors come before the model loads
     facts = pool.load_pool(extra=args.facts)
     print(f"[pool] {len(facts):,} candidate facts, {len({f.object for f in facts}):,} objects, "
           f"{len({f.relation for f in facts})} relations")
     lm = load_model(args.model, device=args.device)
     t0 = time.time()
-    rep = pool.coverage(lm, reqs, facts, min_facts=args.min_facts, log=print)
+    rep = pool.coverage(lm, reqs, facts, min_facts=args.min_facts, widen_to=args.widen,
+                        rule=args.recall, log=print)
     reasons = {r["reason"] for r in rep["rows"] if r["reason"]}
     print(f"[pool] {rep['recalled']:,} of {rep['candidates']:,} candidates recalled "
           f"({time.time() - t0:.0f} s)")
@@ -368,7 +334,12 @@ def _claims(args) -> int:
 
     cfg = ClaimsConfig(n_cf=args.n_cf, n_port=args.n_port, seeds=args.seeds,
                        lams=args.lams, centred_lam=args.centred_lam,
-                       hparams=_params(args.param), candidates=args.candidates)
+                       hparams=_params(args.param), candidates=args.candidates,
+                       recall_rule=args.recall)
+    from .anchors import recall_rule_ok
+
+    if recall_rule_ok(args.recall):
+        raise UsageError(f"--recall: {recall_rule_ok(args.recall)}")
     run_claims(cfg, args.out, lm=load_model(args.model, device=args.device))
     print(f"wrote {args.out}/claims.md")
     return 0
@@ -395,12 +366,23 @@ def main(argv=None) -> int:
     o.add_argument("--n", type=int, default=None, help="first N requests (default: all)")
     o.add_argument("--facts", default=None, help="your own facts file (JSON lines) to add")
     o.add_argument("--min-facts", type=int, default=3)
+    o.add_argument("--recall", default="greedy",
+                   help="recall rule: greedy (the model generates the object) or topK (its "
+                        "first token among the K likeliest), e.g. top3")
+    o.add_argument("--widen", type=int, default=400,
+                   help="second pass: up to N candidates per relation for objects short of "
+                        "--min-facts recalled facts (0: off)")
     o.add_argument("--out", default=None, help="write the per-request report (JSON)")
     o.add_argument("--model", default=None)
     o.add_argument("--device", default="auto")
     o.set_defaults(fn=_pool)
-    d = sub.add_parser("demo", help="capture residual streams of a few prompts, write a report")
+    d = sub.add_parser("demo", help="edit 4 default facts with ROME and STEAM-ROME; write "
+                                    "report.html (completions, layer cosine, latent map, "
+                                    "logit lens)")
     d.add_argument("--out", default="runs/demo")
+    d.add_argument("--n", type=int, default=4, help="edits of the default set")
+    d.add_argument("--lam", type=float, default=None, help="STEAM's alignment strength")
+    d.add_argument("--no-png", action="store_true", help="skip the PNG export")
     d.add_argument("--model", default=None, help="default: SmolLM2-135M (offline)")
     d.add_argument("--device", default="auto")
     d.set_defaults(fn=_demo)
@@ -458,6 +440,8 @@ def main(argv=None) -> int:
                    help="centred-loss lambda (default: tuned on the default edit set)")
     q.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a ROME hyperparameter override; repeatable")
+    q.add_argument("--recall", default="greedy", help="recall rule of reference facts: "
+                   "greedy or topK (see steamviz pool --recall)")
     q.add_argument("--model", default=None)
     q.add_argument("--device", default="auto")
     q.set_defaults(fn=_claims)

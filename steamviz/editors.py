@@ -27,15 +27,96 @@ BATCH_METHODS: dict[str, Callable[..., Edit]] = {}
 BUILTIN_MODULES = ("memit", "steam", "sake", "baft", "kne")
 
 
-def register(name: str, batch: bool = False):
+#: method -> (its hyperparameter dataclass, the other keyword arguments it takes)
+PARAMS: dict[str, tuple[type, tuple[str, ...]]] = {}
+#: hyperparameter fields that name blocks (checked against the model's depth)
+LAYER_FIELDS = ("layer", "layers", "subject_layer", "query_layer")
+
+
+def register(name: str, batch: bool = False, params: type | None = None, extra: tuple = ()):
     """Decorator: register ``fn(lm, request, **params) -> Edit`` under ``name``; with
-    ``batch=True``, ``fn(lm, requests, **params) -> Edit`` for :func:`edit_batch`."""
+    ``batch=True``, ``fn(lm, requests, **params) -> Edit`` for :func:`edit_batch`.
+    ``params``: the method's hyperparameter dataclass (its fields are the keyword
+    parameters :func:`check_params` accepts), ``extra``: other keyword arguments."""
 
     def deco(fn):
         (BATCH_METHODS if batch else METHODS)[name.lower()] = fn
+        if params is not None:
+            PARAMS[name.lower()] = (params, tuple(extra))
         return fn
 
     return deco
+
+
+def _type_ok(annotation: str, v) -> bool:
+    """Whether ``v`` (e.g. read from YAML or a command line) fits a dataclass field annotated
+    ``annotation`` (``"int"``, ``"float | None"``, ``"tuple"``...)."""
+    kinds = [a.strip() for a in str(annotation).split("|")]
+    checks = {
+        "None": lambda x: x is None,
+        "bool": lambda x: isinstance(x, bool),
+        "int": lambda x: isinstance(x, int) and not isinstance(x, bool),
+        "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+        "str": lambda x: isinstance(x, str),
+        "tuple": lambda x: isinstance(x, (list, tuple)),
+    }
+    return any(checks.get(k, lambda x: True)(v) for k in kinds)
+
+
+def _blocks_wrong(key: str, v, n_layers: int | None) -> str | None:
+    """Why ``v`` (a block index or a list of them) is not a block of an ``n_layers`` model."""
+    if v is None or n_layers is None:
+        return None
+    idx = list(v) if isinstance(v, (list, tuple)) else [v]
+    if idx and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_layers
+                   for i in idx):
+        return None
+    return (f"{key}={v!r}: block indices must lie in 0..{n_layers - 1} (the model has "
+            f"{n_layers} blocks)")
+
+
+def check_fields(cls: type, params: dict, label: str, n_layers: int | None = None) -> str | None:
+    """Why ``params`` (field -> value) cannot be applied to the dataclass ``cls``: an unknown
+    name, a value of the wrong type, a block index outside ``0 .. n_layers - 1``; or None.
+    The message names the field and the fix."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in params.items():
+        if k not in fields:
+            return f"unknown {label} parameter {k!r}; fields of {cls.__name__}: {list(fields)}"
+        f = fields[k]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if not _type_ok(f.type, v):
+            return f"{k} takes a value of the type of its default {default!r} ({f.type}), got {v!r}"
+        if k in LAYER_FIELDS and _blocks_wrong(k, v, n_layers):
+            return _blocks_wrong(k, v, n_layers)
+    try:
+        cls().replace(**params) if hasattr(cls, "replace") else cls(**params)
+    except (TypeError, ValueError) as e:
+        return f"{label} parameters {params}: {e}"
+    return None
+
+
+def check_params(method: str, params: dict, n_layers: int | None = None) -> str | None:
+    """Why keyword ``params`` cannot go to editor ``method`` (see :func:`check_fields`);
+    None when they can. Grid arguments (``layer``, ``lam``...) are the method's ``extra``.
+
+    >>> check_params("rome", {"v_num_grad_steps": "abc"})  # doctest: +ELLIPSIS
+    "v_num_grad_steps takes a value of the type of its default 25 (int), got 'abc'"
+    """
+    key = method.lower()
+    if key not in METHODS:
+        _load_builtin()
+    if key not in METHODS and key not in BATCH_METHODS:
+        return f"unknown editing method {method!r}; choose from {sorted(METHODS)}"
+    if key not in PARAMS:
+        return None  # a user's method without a declared hyperparameter class
+    cls, extra = PARAMS[key]
+    why = check_fields(cls, {k: v for k, v in params.items() if k not in extra}, method.upper(),
+                       n_layers)
+    for k in LAYER_FIELDS:  # grid arguments naming blocks (edited layer, alignment layers)
+        if why is None and k in extra:
+            why = _blocks_wrong(k, params.get(k), n_layers)
+    return why
 
 
 def edit(lm, request: EditRequest | dict, method: str = "rome", **params) -> Edit:
@@ -76,15 +157,14 @@ def _load_builtin() -> None:
 def _register_builtin() -> None:
     from . import rome
 
-    @register("rome")
+    @register("rome", params=rome.ROMEHparams)
     def _rome(lm, request, layer: int | None = None, hparams=None, **hp):
         hparams = hparams or rome.ROMEHparams.for_model(lm)
         if layer is not None:
             hp["layer"] = layer
         if hp:
-            unknown = sorted(set(hp) - {f.name for f in dataclasses.fields(hparams)})
-            if unknown:
-                raise ValueError(f"unknown ROME parameter(s) {unknown}; fields of ROMEHparams: "
-                                 f"{[f.name for f in dataclasses.fields(hparams)]}")
+            why = check_fields(rome.ROMEHparams, hp, "ROME", lm.n_layers)
+            if why:
+                raise ValueError(why)
             hparams = hparams.replace(**hp)
         return rome.apply(lm, request, hparams)

@@ -44,7 +44,8 @@ def style(fig: go.Figure, width: str = "two_column", title: str | None = None) -
 
 def _label(method: str, lam=None, centered=None) -> str:
     if method != "steam-rome" or lam is None or (isinstance(lam, float) and np.isnan(lam)):
-        return {"rome": "ROME", "unedited": "unedited"}.get(method, method)
+        return {"rome": "ROME", "unedited": "unedited", "steam-rome": "STEAM-ROME",
+                "memit": "MEMIT", "steam-memit": "STEAM-MEMIT"}.get(method, method)
     c = " centred" if centered in (True, "True") else ""
     return f"STEAM λ={float(lam):g}{c}"
 
@@ -65,7 +66,9 @@ def _layers_matrix(df: pd.DataFrame, col: str) -> np.ndarray:
 def layer_cosine(df: pd.DataFrame, col: str = "cos_centered_layers",
                  align_layers: Sequence[int] | None = None) -> go.Figure:
     """Per-layer cosine to the new object's anchor, one line per method / lambda, with a
-    95% confidence band over edits (normal approximation)."""
+    95% confidence band over edits (normal approximation); dashed, the same cosine to the
+    control anchors (other objects, same relations) when ``df`` has it -- a layer where the
+    two lines meet says nothing about the new object."""
     fig = go.Figure()
     groups = df.groupby(["method", "lam", "centered"], dropna=False, sort=False)
     for i, ((method, lam, cen), g) in enumerate(groups):
@@ -83,6 +86,12 @@ def layer_cosine(df: pd.DataFrame, col: str = "cos_centered_layers",
                                  name=f"{name} 95% CI"))
         fig.add_trace(go.Scatter(x=x, y=mean, mode="lines", name=name, legendgroup=name,
                                  line=dict(color=color, width=2)))
+        ctl = col.replace("_layers", "_control_layers")
+        C = _layers_matrix(g, ctl) if ctl in g.columns else np.zeros((0,))
+        if C.size:
+            fig.add_trace(go.Scatter(x=np.arange(C.shape[1]), y=C.mean(0), mode="lines",
+                                     name=f"{name}: control anchors", legendgroup=name,
+                                     line=dict(color=color, width=1.2, dash="dash")))
     if align_layers:
         fig.add_vrect(x0=min(align_layers), x1=max(align_layers), fillcolor="#cccccc",
                       opacity=0.2, line_width=0)
@@ -239,6 +248,111 @@ def latent_map(lmap, bank, layer: int, anchors: dict | None = None,
                            arrowcolor=color)
     fig.update_xaxes(title=f"{lmap.method.upper()} 1", showticklabels=False)
     fig.update_yaxes(title=f"{lmap.method.upper()} 2", showticklabels=False)
+    return style(fig)
+
+
+def edit_map(lmap, streams, objects: Sequence[str], layer: int, edits: Sequence[dict],
+             anchors: dict | None = None, title: str | None = None,
+             frame: float | None = 0.05) -> go.Figure:
+    """A latent map framed on the edits' neighbourhood: the unedited model's streams of
+    reference facts (``streams`` ``[n, d]`` at ``layer``, the fit of ``lmap``; ``objects``
+    names each one's object), anchors as stars, and each edit drawn as arrows from its
+    unedited stream to each method's edited stream.
+
+    ``edits``: dicts with ``label``, ``pre`` (``[d]``) and ``post`` (``{method: [d]}``). Fit
+    ``lmap`` on the neighbourhood only (the old and new objects' facts and the edit's
+    relation), so far clusters do not squash the edits into a corner. ``frame``: the axes span
+    the facts between the ``frame`` and ``1 - frame`` quantiles plus every anchor and edit
+    point (None: everything); the number of facts left outside is noted in the figure.
+    """
+    emb = lmap.transform(np.asarray(streams))
+    objs = pd.Series(list(objects))
+    fig = go.Figure()
+    keep = [emb]
+    shown_a: set = set()
+    for o in objs.value_counts().index:
+        sel = (objs == o).to_numpy()
+        fig.add_trace(go.Scatter(x=emb[sel, 0], y=emb[sel, 1], mode="markers",
+                                 marker=dict(size=6, opacity=0.55), name=f"facts: {o}",
+                                 legendgroup=o))
+    for name, phi in (anchors or {}).items():
+        xy = lmap.transform(np.asarray(phi)[None])
+        keep.append(xy)
+        fig.add_trace(go.Scatter(x=xy[:, 0], y=xy[:, 1], mode="markers+text",
+                                 text=[f"<b>{name}</b>"], textposition="top right",
+                                 textfont=dict(size=STYLE["font_size"] - 1), name="anchor",
+                                 legendgroup="anchor", showlegend="anchor" not in shown_a,
+                                 marker=dict(symbol="star", size=13, color="black",
+                                             line=dict(color="white", width=1))))
+        shown_a.add("anchor")
+    shown = set()
+    for e in edits:
+        pre = lmap.transform(np.asarray(e["pre"])[None])[0]
+        keep.append(pre[None])
+        fig.add_trace(go.Scatter(x=[pre[0]], y=[pre[1]], mode="markers+text",
+                                 text=[f"<i>{e['label']}</i>"], textposition="bottom center",
+                                 textfont=dict(size=STYLE["font_size"] - 2, color="#555555"),
+                                 name="unedited (edit's subject)",
+                                 legendgroup="unedited", showlegend="unedited" not in shown,
+                                 marker=dict(size=9, symbol="circle-open", color="black")))
+        shown.add("unedited")
+        for method, h in e["post"].items():
+            xy = lmap.transform(np.asarray(h)[None])[0]
+            keep.append(xy[None])
+            color = _color(method)
+            fig.add_trace(go.Scatter(x=[xy[0]], y=[xy[1]], mode="markers", name=_label(method),
+                                     legendgroup=method, showlegend=method not in shown,
+                                     marker=dict(size=9, color=color)))
+            shown.add(method)
+            fig.add_annotation(x=xy[0], y=xy[1], ax=pre[0], ay=pre[1], xref="x", yref="y",
+                               axref="x", ayref="y", showarrow=True, arrowhead=2,
+                               arrowwidth=1.5, arrowcolor=color, opacity=0.9)
+    fig.update_xaxes(title=f"{lmap.method.upper()} 1 (layer {layer})", showticklabels=False)
+    fig.update_yaxes(title=f"{lmap.method.upper()} 2", showticklabels=False)
+    if frame is not None and len(emb) > 10:
+        lo, hi = np.quantile(emb, frame, axis=0), np.quantile(emb, 1 - frame, axis=0)
+        pts = np.concatenate([np.clip(emb, lo, hi)] + keep[1:])
+        a, b = pts.min(0), pts.max(0)
+        pad = 0.08 * (b - a)
+        a, b = a - pad, b + pad
+        out = int((~((emb >= a) & (emb <= b)).all(1)).sum())
+        fig.update_xaxes(range=[a[0], b[0]])
+        fig.update_yaxes(range=[a[1], b[1]])
+        if out:
+            fig.add_annotation(text=f"{out} of {len(emb)} facts outside the frame",
+                               xref="paper", yref="paper", x=1, y=0, xanchor="right",
+                               yanchor="bottom", showarrow=False,
+                               font=dict(size=STYLE["font_size"] - 2, color="#777777"))
+    fig = style(fig, title=title)
+    fig.update_layout(height=460)  # a map wants room; the legend lists objects and methods
+    return fig
+
+
+def logit_lens_lines(rows: list[dict] | pd.DataFrame, log: bool = True,
+                     floor: float = 1e-10) -> go.Figure:
+    """The logit lens as lines: per layer, the mean probability of the new object's first
+    token (solid) and the old object's (dashed), one colour per method; ``log``: a log
+    axis (values below ``floor`` drawn at ``floor``), where the layer at which an object
+    starts to rise shows. ``rows``: dicts with ``method``, ``layer``, ``target``
+    (``"new"``/``"old"``), ``prob``."""
+    df = pd.DataFrame(rows)
+    fig = go.Figure()
+    for method, g in df.groupby("method", sort=False):
+        for target, dash in (("new", "solid"), ("old", "dash")):
+            m = g[g.target == target].groupby("layer").prob.mean()
+            if m.empty:
+                continue
+            if log:
+                m = m.clip(lower=floor)
+            fig.add_trace(go.Scatter(x=m.index, y=m.values, mode="lines",
+                                     name=f"{_label(method)}: P({target} object)",
+                                     line=dict(color=_color(method), dash=dash, width=2)))
+    fig.update_xaxes(title="layer (residual stream, read out through the final norm)")
+    if log:
+        fig.update_yaxes(title=f"probability (first token; log, floor {floor:g})",
+                         type="log", exponentformat="power")
+    else:
+        fig.update_yaxes(title="probability (first token)", rangemode="tozero")
     return style(fig)
 
 

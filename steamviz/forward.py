@@ -88,8 +88,9 @@ def target_logprobs(
     """Teacher-forced log-probability of each target after its prompt.
 
     Returns per pair: ``logprob`` (sum over target tokens), ``mean_logprob``, ``prob``
-    (exp of the sum), ``first_prob`` (of the first token), ``greedy`` (every target token is
-    the argmax: the model would generate it). Targets get a leading space if they lack one.
+    (exp of the sum), ``first_prob`` (of the first token), ``first_rank`` (how many tokens
+    the model puts above the first target token: 0 = its first choice), ``greedy`` (every
+    target token is the argmax: the model would generate it). Targets get a leading space if they lack one.
     """
     out: list[dict] = []
     base = get_module(lm.model, lm.adapter.base)
@@ -109,6 +110,7 @@ def target_logprobs(
                     mean_logprob=float(tok_lp.mean()),
                     prob=float(tok_lp.sum().exp()),
                     first_prob=float(tok_lp[0].exp()),
+                    first_rank=int((lp[0] > tok_lp[0]).sum()),
                     greedy=bool((logits.argmax(-1) == ids).all()),
                 )
             )

@@ -514,7 +514,7 @@ def apply(lm, request: EditRequest | dict, hparams: KNEHparams | None = None,
 def _register() -> None:
     from .editors import register
 
-    @register("kne")
+    @register("kne", params=KNEHparams)
     def _kne(lm, request, hparams=None, **kw):
         if isinstance(hparams, dict):
             hparams = KNEHparams(**hparams)

@@ -224,7 +224,7 @@ def apply(lm, requests, hparams: MEMITHparams | None = None, lam: float = 0.0,
 
 
 def _register() -> None:
-    from .editors import register
+    from .editors import check_fields, register
 
     def _hp(lm, hparams, layer):
         if isinstance(hparams, MEMITHparams):
@@ -242,18 +242,35 @@ def _register() -> None:
                                                    layer + 1)))
         return base
 
+    fields = {f.name for f in dataclasses.fields(MEMITHparams)}
+
+    def _split(lm, hparams, layer, kw):  # MEMITHparams fields (e.g. a sweep's method_params)
+        hp = _hp(lm, hparams, layer)
+        mine = {k: kw.pop(k) for k in list(kw) if k in fields}
+        if mine:
+            why = check_fields(MEMITHparams, mine, "MEMIT", lm.n_layers)
+            if why:
+                raise ValueError(why)
+            hp = hp.replace(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in mine.items()})
+        return hp
+
     def _memit(lm, requests, hparams=None, layer=None, **kw):
-        return apply(lm, requests, hparams=_hp(lm, hparams, layer), **kw)
+        return apply(lm, requests, hparams=_split(lm, hparams, layer, kw), **kw)
 
     def _steam_memit(lm, requests, lam: float = 20.0, hparams=None, layer=None, layers=None,
                      **kw):
-        return apply(lm, requests, hparams=_hp(lm, hparams, layer), lam=lam,
+        return apply(lm, requests, hparams=_split(lm, hparams, layer, kw), lam=lam,
                      align_layers=layers, **kw)
 
-    register("memit", batch=True)(_memit)
-    register("steam-memit", batch=True)(_steam_memit)
-    register("memit")(lambda lm, request, **kw: _memit(lm, [request], **kw))
-    register("steam-memit")(lambda lm, request, **kw: _steam_memit(lm, [request], **kw))
+    plain = ("layer", "method")
+    steam = plain + ("lam", "layers", "centered", "anchors", "bank")
+    register("memit", batch=True, params=MEMITHparams, extra=plain)(_memit)
+    register("steam-memit", batch=True, params=MEMITHparams, extra=steam)(_steam_memit)
+    register("memit", params=MEMITHparams, extra=plain)(
+        lambda lm, request, **kw: _memit(lm, [request], **kw))
+    register("steam-memit", params=MEMITHparams, extra=steam)(
+        lambda lm, request, **kw: _steam_memit(lm, [request], **kw))
 
 
 _register()

@@ -255,6 +255,37 @@ def load_model(
     return LM(model=model, tok=tok, name=label, fingerprint=fp, prefix_ids=_start_ids(tok, label))
 
 
+def model_depth(name: str | os.PathLike | None = None) -> int | None:
+    """The number of blocks of model ``name`` (as :func:`load_model` takes it), read from its
+    config alone, without loading weights; None when the config cannot be read offline (the
+    depth is then checked once the model is loaded)."""
+    from transformers import AutoConfig
+
+    if name is None or str(name) == DEFAULT_MODEL:
+        try:
+            gguf = find_default_gguf()
+        except FileNotFoundError:
+            return None
+        path = _cache_folder(gguf)
+        if not (path / "config.json").exists():  # not converted yet: the GGUF's own header
+            from gguf import GGUFReader
+
+            fields = GGUFReader(str(gguf)).fields
+            f = fields["general.architecture"]
+            f = fields.get(bytes(f.parts[f.data[0]]).decode() + ".block_count")
+            return int(f.parts[f.data[0]][0]) if f is not None else None
+    else:
+        path = str(name)
+    try:
+        with _quiet_loading():
+            cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    return int(n) if n else None
+
+
 @contextlib.contextmanager
 def _quiet_loading():
     """No "Loading weights" bar for a load of a few seconds (it clutters notebook outputs);

@@ -156,21 +156,64 @@ def candidates(facts, per_relation: int | None = 30, seed: int = 0) -> list[Fact
     return out
 
 
+def widen(lm, facts, chosen, objects, min_facts: int = 3, per_relation: int | None = 400,
+          seed: int = 0, rule: str = "greedy") -> list[Fact]:
+    """The adaptive second pass: ``chosen`` (a :func:`candidates` sample of ``facts``) plus,
+    for each of ``objects`` with fewer than ``min_facts`` recalled facts in ``chosen``, its
+    other facts in ``facts``, up to ``per_relation`` per (object, relation) in all (seeded).
+
+    A small model recalls few facts of an object such as 'actor' (3 in 100 of the pool's
+    candidates for SmolLM2), so the first pass's 30 per relation often leave it without an
+    anchor while hundreds more are in the pool. Only objects short of an anchor pay for more
+    recall checks; an object with enough recalled facts keeps exactly its first-pass sample.
+    ``per_relation=0`` turns the pass off. Raises ``EditedModelError`` under an edit.
+    """
+    from .anchors import recalled
+
+    if not per_relation and per_relation is not None:
+        return list(chosen)
+    objects = set(objects)
+    first = [f for f in chosen if f.object in objects]
+    good = Counter(f.object for f, ok in zip(first, recalled(lm, first, rule=rule)) if ok)
+    short = {o for o in objects if good[o] < min_facts}
+    have = {(f.subject, f.object) for f in chosen}
+    more = [f for f in facts if f.object in short and (f.subject, f.object) not in have]
+    if not more:
+        return list(chosen)
+    n_have = Counter((f.object, f.relation) for f in chosen if f.object in short)
+    groups: dict[tuple[str, str], list[Fact]] = defaultdict(list)
+    for f in more:
+        groups[(f.object, f.relation)].append(f)
+    out = list(chosen)
+    for key in sorted(groups):
+        g = groups[key]
+        room = len(g) if per_relation is None else max(0, per_relation - n_have[key])
+        if len(g) > room:
+            g = random.Random(f"widen:{seed}:{key[0]}:{key[1]}").sample(g, room)
+        out += g
+    return out
+
+
 def coverage(lm, requests, facts, min_facts: int = 3, per_relation: int | None = 30,
-             seed: int = 0, log=None) -> dict:
+             seed: int = 0, widen_to: int | None = 400, rule: str = "greedy", log=None) -> dict:
     """How many ``requests`` get an anchor for their new object from ``facts``: at least
     ``min_facts`` recalled facts, leaving every request's subject out (as a run does).
+    ``per_relation`` bounds the first pass, ``widen_to`` the second (:func:`widen`; 0: off);
+    ``rule``: the recall rule (:func:`steamviz.anchors.recall_rule_ok`).
     Returns counts, the share, how many of the anchored rest on a single relation, and per
     request the reason when there is none."""
     from .anchors import recalled
 
     excluded = {r.subject for r in requests}
     objects = {r.target_new for r in requests}
-    mine = candidates([f for f in facts if f.object in objects and f.subject not in excluded],
-                      per_relation, seed)
+    usable = [f for f in facts if f.object in objects and f.subject not in excluded]
+    mine = candidates(usable, per_relation, seed)
     if log:
         log(f"[pool] recall check of {len(mine):,} candidate facts for {len(objects)} objects")
-    ok = recalled(lm, mine)
+    mine = widen(lm, usable, mine, objects, min_facts, widen_to, seed, rule)
+    if log:
+        log(f"[pool] second pass for objects short of {min_facts}: {len(mine):,} candidates")
+    ok = recalled(lm, mine, rule=rule)
     found: Counter = Counter(f.object for f in mine)
     rec: dict[str, list[Fact]] = defaultdict(list)
     for f, r in zip(mine, ok):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import warnings
 from dataclasses import dataclass, field
 
 from .anchors import Anchor, AnchorError, Bank, build_anchor, reference_bank
@@ -55,7 +56,7 @@ class References:
 def build_references(lm, requests, *, seeds=(0,), bank_size: int | None = None,
                      bank_seed: int = 0, texts: bool = False, facts=None,
                      n_control: int = 3, anchor_kw: dict | None = None,
-                     per_relation: int | None = 30) -> References:
+                     per_relation: int | None = 30, widen_to: int | None = 400) -> References:
     """Build every reference the evaluation of ``requests`` reads (see module docstring).
 
     ``seeds``: anchor-sampling seeds (one anchor per object and seed). ``bank_size``: sample
@@ -63,31 +64,37 @@ def build_references(lm, requests, *, seeds=(0,), bank_size: int | None = None,
     new objects (for consistency). ``n_control``: control objects per new object.
     ``facts``: the candidate reference facts (default the project's; :func:`steamviz.pool.
     load_pool` for anchors of any object), of which at most ``per_relation`` per (object,
-    relation) are considered (seeded sample, :func:`steamviz.pool.candidates`). ``bank_size``
-    (default: all, at most 2,000) facts form the bank.
+    relation) are considered (seeded sample, :func:`steamviz.pool.candidates`); objects of the
+    requests short of an anchor then get up to ``widen_to`` per relation
+    (:func:`steamviz.pool.widen`; 0: off). ``bank_size`` (default: all, at most 2,000) facts
+    form the bank.
     """
-    from .pool import candidates
+    from .pool import candidates, widen
 
     from .datasets import load_reference_facts
 
     require_unedited(lm.model, "references")
+    kw = dict(anchor_kw or {})
     facts = load_reference_facts() if facts is None else list(facts)
     exclude = tuple(sorted({r.subject for r in requests}))
     excluded = set(exclude)
-    pool = candidates([f for f in facts if f.subject not in excluded], per_relation,
-                      seed=bank_seed)
-    if bank_size is None:
-        bank_size = min(len(pool), 2000)
+    usable = [f for f in facts if f.subject not in excluded]
+    pool = candidates(usable, per_relation, seed=bank_seed)
     new = sorted({r.target_new for r in requests})
     old = sorted({r.target_true for r in requests if r.target_true} - set(new))
-    kw = dict(anchor_kw or {})
+    pool = widen(lm, usable, pool, new + old, kw.get("min_facts", 3), widen_to, bank_seed,
+                 rule=kw.get("recall_rule", "greedy"))
+    if bank_size is None:
+        bank_size = min(len(pool), 2000)
     anchors, missing, control = {}, {}, {}
 
     def get(obj, seed):
         if (obj, seed) not in anchors and (obj, seed) not in missing:
             try:
-                anchors[(obj, seed)] = build_anchor(lm, obj, facts=pool, seed=seed,
-                                                    exclude_subjects=exclude, **kw)
+                with warnings.catch_warnings():  # small anchors: one summary below
+                    warnings.filterwarnings("ignore", message="anchor for .* averages only")
+                    anchors[(obj, seed)] = build_anchor(lm, obj, facts=pool, seed=seed,
+                                                        exclude_subjects=exclude, **kw)
             except AnchorError as e:
                 missing[(obj, seed)] = str(e)
         return anchors.get((obj, seed))
@@ -112,6 +119,12 @@ def build_references(lm, requests, *, seeds=(0,), bank_size: int | None = None,
                 if len(picked) == n_control:
                     break
             control[(obj, seed)] = picked
+    small = sorted({o for (o, _), a in anchors.items()
+                    if o in new and a.n < kw.get("warn_below", 6)})  # (controls: not warned)
+    if small:
+        warnings.warn(f"the anchors of {len(small)} new object(s) average fewer than "
+                      f"{kw.get('warn_below', 6)} facts: {', '.join(small[:8])}"
+                      f"{' ...' if len(small) > 8 else ''}", stacklevel=2)
     bank = reference_bank(lm, facts=pool, limit=bank_size, seed=bank_seed)
     ref_texts = {}
     if texts:
@@ -119,7 +132,8 @@ def build_references(lm, requests, *, seeds=(0,), bank_size: int | None = None,
 
         ref_texts = {obj: reference_text(lm, obj, facts=pool) for obj in new}
     settings = dict(seeds=list(seeds), bank_size=bank_size, bank_seed=bank_seed, texts=texts,
-                    n_control=n_control, anchor_kw=kw, per_relation=per_relation)
+                    n_control=n_control, anchor_kw=kw, per_relation=per_relation,
+                    widen_to=widen_to)
     h = hashlib.sha256(repr((lm.fingerprint, exclude, sorted(settings.items(), key=str),
                              len(pool))).encode())
     for f in pool:

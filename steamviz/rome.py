@@ -83,31 +83,6 @@ class ROMEHparams:
     def replace(self, **kw) -> "ROMEHparams":
         return dataclasses.replace(self, **kw)
 
-    @classmethod
-    def check_overrides(cls, overrides: dict) -> str | None:
-        """Why ``overrides`` (field -> value, e.g. from YAML or a command line) cannot be
-        applied to these hyperparameters, naming the field and the valid ones; or None."""
-        base = cls()
-        names = [f.name for f in dataclasses.fields(cls)]
-        for k, v in overrides.items():
-            if k not in names:
-                return f"unknown ROME parameter {k!r}; fields of ROMEHparams: {names}"
-            d = getattr(base, k)
-            good = (v is None and k in ("mom2_corpus", "v_matmul_dtype")) or (
-                isinstance(d, bool) and isinstance(v, bool)) or (
-                isinstance(d, int) and not isinstance(d, bool) and isinstance(v, int)
-                and not isinstance(v, bool)) or (
-                isinstance(d, float) and isinstance(v, (int, float)) and not isinstance(v, bool)) or (
-                isinstance(d, tuple) and isinstance(v, (list, tuple))) or (
-                isinstance(v, str) and (d is None or isinstance(d, str)))
-            if not good:
-                return f"{k} takes a value of the type of its default {d!r}, got {v!r}"
-        try:
-            base.replace(**overrides)
-        except (TypeError, ValueError) as e:
-            return str(e)
-        return None
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

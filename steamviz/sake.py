@@ -767,7 +767,7 @@ def apply(lm, request: EditRequest | dict, hparams: SAKEHparams | None = None,
 def _register() -> None:
     from .editors import register
 
-    @register("sake")
+    @register("sake", params=SAKEHparams, extra=("negatives",))
     def _sake(lm, request, hparams=None, **kw):
         if isinstance(hparams, dict):
             hparams = SAKEHparams(**hparams)

@@ -108,7 +108,8 @@ def apply(
     )
 
 
-@register("steam-rome")
+@register("steam-rome", params=rome.ROMEHparams,
+          extra=("lam", "layers", "centered", "anchor", "bank"))
 def _steam(lm, request, lam: float = DEFAULT_LAM, layer: int | None = None, layers=None,
            centered: bool = False, hparams=None, anchor=None, bank=None, **hp):
     hparams = hparams or rome.ROMEHparams.for_model(lm)

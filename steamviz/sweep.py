@@ -69,6 +69,9 @@ class SweepConfig:
     # .jsonl), "pool" (those plus LRE, ParaRel, Polyglot: steamviz.pool), or a facts file
     # (JSON lines) added to the pool
     reference_facts: str = "project"
+    # which reference facts count as known (steamviz.anchors.recall_rule_ok): "greedy" (the
+    # model generates the object) or "topK" (its first token among the K likeliest)
+    recall_rule: str = "greedy"
     hparams: dict = field(default_factory=dict)  # ROME hyperparameter overrides
     batch_sizes: list = field(default_factory=lambda: [1])  # for batch editors (MEMIT)
     method_params: dict = field(default_factory=dict)  # {method: {param: value}}
@@ -95,8 +98,10 @@ class SweepConfig:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         return cls.from_dict(d)
 
-    def validate(self) -> None:
-        from .editors import METHODS, _load_builtin
+    def validate(self, n_layers: int | None = None) -> None:
+        """Refuse a bad value naming its key (:class:`ConfigError`). With ``n_layers`` (the
+        model's depth, :func:`steamviz.models.model_depth`), block indices are checked too."""
+        from .editors import METHODS, _load_builtin, check_params
 
         _load_builtin()
 
@@ -126,6 +131,9 @@ class SweepConfig:
         need(isinstance(self.reference_facts, str) and (
             self.reference_facts in ("project", "pool") or Path(self.reference_facts).is_file()),
             "reference_facts", '"project", "pool" or the path of a facts file (JSON lines)')
+        from .anchors import recall_rule_ok
+
+        need(recall_rule_ok(self.recall_rule) is None, "recall_rule", '"greedy" or "topK" (K >= 1)')
         need(isinstance(self.batch_sizes, list) and self.batch_sizes and all(
             isinstance(x, int) and x > 0 for x in self.batch_sizes), "batch_sizes",
             "a non-empty list of positive integers")
@@ -145,14 +153,17 @@ class SweepConfig:
         need(isinstance(self.device, str) and (
             self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")),
             "device", '"auto", "cpu", "cuda", "cuda:N" or "mps"')
-        for key in ("edit_layers",):
-            v = getattr(self, key) or []
-            need(all(x >= 0 for x in v), key, "block indices >= 0")
+        top = "" if n_layers is None else f" and < {n_layers} (the model's blocks)"
+        need(all(0 <= x < (n_layers or 10**9) for x in self.edit_layers or []), "edit_layers",
+             f"block indices >= 0{top}")
+        need(all(x == "default" or all(0 <= i < (n_layers or 10**9) for i in x)
+                 for x in self.align_layers), "align_layers", f"block indices >= 0{top}")
         need(isinstance(self.hparams, dict), "hparams", "a mapping of ROME hyperparameters")
-        from .rome import ROMEHparams
-
-        why = ROMEHparams.check_overrides(self.hparams)
+        why = check_params("rome", self.hparams, n_layers)
         need(why is None, "hparams", why)
+        for m, params in self.method_params.items():
+            why = check_params(str(m), params, n_layers)
+            need(why is None, "method_params", f"{m}: {why}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -355,6 +366,7 @@ class Runner:
 
         self.cfg = cfg
         self.lm = lm or load_model(cfg.model, device=cfg.device)
+        cfg.validate(self.lm.n_layers)  # block indices (a model whose config was not readable)
         budget = {} if cfg.early_stop else {"early_stop_loss": 0.0}  # matched: fixed steps
         self.hp = ROMEHparams.for_model(self.lm).replace(**{"seed": cfg.seed, **budget,
                                                             **cfg.hparams})
@@ -381,7 +393,9 @@ class Runner:
                 facts = load_pool(extra=extra)
             self._references = build_references(
                 self.lm, self.requests(), seeds=self.cfg.seeds, bank_size=self.cfg.bank_size,
-                bank_seed=self.cfg.seed, texts=self.cfg.generation, facts=facts)
+                bank_seed=self.cfg.seed, texts=self.cfg.generation, facts=facts,
+                anchor_kw=({} if self.cfg.recall_rule == "greedy"
+                           else {"recall_rule": self.cfg.recall_rule}))
         return self._references
 
     def bank(self):
@@ -540,7 +554,9 @@ def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
 
     from .executors import make_executor
 
-    cfg.validate()
+    from .models import model_depth
+
+    cfg.validate(lm.n_layers if lm is not None else model_depth(cfg.model))  # before any load
     run_dir = Path(run_dir)
     changed = _config_change(run_dir, cfg)
     if changed and not force:
@@ -595,8 +611,8 @@ def _log_row(log, req, point, row) -> None:
     lam = "" if point["lam"] is None else f" lam={point['lam']:g}"
     b = f" batch={point['batch']}" if point.get("batch") else ""
     log(f"[point] {req.case_id} {point['method']}{lam}{b} L={point['layer']}: "
-        f"eff={row.get('efficacy')} para={row.get('paraphrase')} "
-        f"nbhd={row.get('neighborhood')} cos_c={_fmt(row.get('cos_centered'))} "
+        f"eff={_fmt(row.get('efficacy'))} para={_fmt(row.get('paraphrase'))} "
+        f"nbhd={_fmt(row.get('neighborhood'))} cos_c={_fmt(row.get('cos_centered'))} "
         f"knn={_fmt(row.get('knn_share'))} ({row['seconds']:.1f} s)")
 
 

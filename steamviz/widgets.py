@@ -103,9 +103,11 @@ class SweepExplorer:
         names = ["efficacy", "paraphrase", "neighborhood", "portability", "knn_share"]
         names = [n for n in names if n in self.df.columns]
         fig = go.Figure()
-        for label, d in (("ROME", self._baseline("rome")), ("STEAM-ROME", self._selected())):
+        for method, label, d in (("rome", "ROME", self._baseline("rome")),
+                                 ("steam-rome", "STEAM-ROME", self._selected())):
             fig.add_trace(go.Bar(x=names, y=[float(d[n].mean()) if len(d) else None
-                                             for n in names], name=label))
+                                             for n in names], name=label,
+                                 marker_color=figures._color(method)))
         fig.update_layout(barmode="group")
         fig.update_yaxes(range=[0, 1])
         return figures.style(fig, "one_column")

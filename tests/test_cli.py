@@ -9,16 +9,35 @@ import pytest
 pytestmark = pytest.mark.model
 
 
-def test_demo_writes_report(tmp_path, lm):
+def test_demo_does_the_main_job(tmp_path, lm):
+    # issue 15.3: edits with ROME and STEAM-ROME, a report with the four views, PNGs beside it
+    from steamviz.figures import find_browser
+
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "steamviz", "demo", "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "steamviz", "demo", "--out", str(out), "--n", "1",
                         "--device", "cpu"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert f"open {out / 'report.html'}" in r.stdout
     rep = json.loads((out / "report.json").read_text())
-    answers = {p["prompt"]: p["answer"] for p in rep["prompts"]}
-    assert answers["The capital of France is"] == " Paris"
-    assert len(rep["prompts"][0]["logit_lens"]) == 31
-    assert (out / "report.md").exists() and (out / "capture.npz").stat().st_size > 1000
+    (e,) = rep["edits"]
+    assert e["unedited"]["completion"].strip().startswith(e["target_true"])
+    assert e["rome"]["efficacy"] and e["steam-rome"]["efficacy"]
+    assert e["rome"]["completion"].strip().startswith(e["target_new"])
+    assert len(e["rome"]["cos_centered_layers"]) == lm.n_layers + 1
+    assert e["steam-rome"]["cos_centered_control"] is not None
+    page = (out / "report.html").read_text()
+    for part in ("1. Completions", "2. Per-layer cosine", "3. Latent map", "4. Logit lens",
+                 "id=\"cosine\"", "id=\"latent_map\"", "id=\"latent_map_late\"",
+                 "id=\"logit_lens\"",
+                 "src='plotly.min.js'"):
+        assert part in page, part
+    assert "cdn.plot.ly" not in page and (out / "plotly.min.js").stat().st_size > 1_000_000
+    md = (out / "report.md").read_text()
+    assert "| edit | prompt | unedited | ROME | STEAM-ROME |" in md
+    if find_browser():  # CI installs chromium
+        for name in ("cosine", "latent_map", "latent_map_late", "logit_lens"):
+            png = out / f"{name}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name}.png)" in md
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # nothing else written
 
 
@@ -66,3 +85,15 @@ def test_unknown_rome_parameter_is_named(lm):
                       target_new="Japan", target_true="Canada")
     with pytest.raises(ValueError, match="v_nm_grad_steps"):
         edit(lm, req, "rome", v_nm_grad_steps=3)
+
+
+def test_eval_refuses_a_block_outside_the_model_before_loading_it(tmp_path):
+    # the depth comes from the model's config (here the GGUF header), not from loading it
+    env = dict(__import__("os").environ, STEAMVIZ_CACHE=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "steamviz", "eval", "--method", "rome",
+                          "--data", "default", "--layer", "30"], capture_output=True, text=True,
+                         env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "layer=30: block indices must lie in 0..29" in lines[0], lines
+    assert not (tmp_path / "models").exists()

@@ -77,3 +77,48 @@ def test_the_published_parquet_and_the_mirror_conversion_give_the_same_facts():
     a = pool.load_polyglot(fetch.path("polyglot", root + ".parquet"))
     b = pool.load_polyglot(fetch.path("polyglot", root + ".jsonl"))
     assert a == b and len(a) > 20_000
+
+
+def test_second_pass_widens_only_objects_short_of_an_anchor(tokenizer, monkeypatch):
+    from conftest import build_tiny
+
+    from steamviz import anchors
+
+    tiny = build_tiny("llama", tokenizer)
+    facts = ([Fact(f"a{i}", "P106", "actor", "{} works as") for i in range(60)]
+             + [Fact(f"b{i}", "P17", "Japan", "{} is in") for i in range(60)])
+    first = pool.candidates(facts, 10, seed=0)
+    # the model "recalls" every Japan fact and no actor fact
+    monkeypatch.setattr(anchors, "recalled",
+                        lambda lm, fs, **kw: [f.object == "Japan" for f in fs])
+    wide = pool.widen(tiny, facts, first, {"actor", "Japan"}, min_facts=3, per_relation=25)
+    count = lambda fs, o: sum(f.object == o for f in fs)  # noqa: E731
+    assert count(first, "actor") == 10 and count(wide, "actor") == 25  # widened to 25 in all
+    assert [f for f in wide if f.object == "Japan"] == [f for f in first if f.object == "Japan"]
+    assert wide[: len(first)] == first  # the first pass is kept as it was
+    assert pool.widen(tiny, facts, first, {"actor"}, per_relation=0) == first  # off
+    again = pool.widen(tiny, facts, first, {"actor", "Japan"}, min_facts=3, per_relation=25)
+    assert again == wide  # seeded
+
+
+def test_recall_rules_nest_and_the_cache_survives_a_torn_line(tokenizer, tmp_path, monkeypatch):
+    from conftest import build_tiny
+
+    from steamviz import anchors
+
+    monkeypatch.setenv("STEAMVIZ_CACHE", str(tmp_path))
+    anchors.clear_caches()
+    tiny = build_tiny("llama", tokenizer)
+    facts = [Fact(f"s{i}", "P17", o, "{} is a city in") for i, o in
+             enumerate(["Japan", "France", "Italy", "Spain", "Chile", "Peru"] * 4)]
+    g = anchors.recalled(tiny, facts)
+    t3, t10 = (anchors.recalled(tiny, facts, rule=r) for r in ("top3", "top10"))
+    assert all(a <= b <= c for a, b, c in zip(g, t3, t10))  # greedy => top3 => top10
+    with pytest.raises(ValueError, match="recall rule 'top0'"):
+        anchors.recalled(tiny, facts, rule="top0")
+    path = anchors._recall_file(tiny)
+    assert len(path.read_text().splitlines()) == len({(f.prompt, f.object) for f in facts})
+    with open(path, "a") as fh:  # a process killed mid-write
+        fh.write('["s0 is a city in", "Jap')
+    anchors.clear_caches()
+    assert anchors.recalled(tiny, facts, rule="top3") == t3  # read back, torn line skipped

@@ -124,3 +124,53 @@ def test_every_builtin_editor_is_registered():
     _load_builtin()
     assert {"rome", "steam-rome", "memit", "steam-memit", "sake", "baft", "kne"} <= set(METHODS)
     assert {"memit", "steam-memit"} == set(BATCH_METHODS)
+
+
+def test_block_indices_and_method_params_checked_against_the_model_before_any_write(tmp_path):
+    # issue 17.5: out-of-range blocks and other editors' parameters, refused from the
+    # config and the model's depth alone (no model load, no run folder)
+    def refused(match, **kw):
+        with pytest.raises(ConfigError, match=match):
+            SweepConfig.from_dict(dict(SMALL, **kw)).validate(n_layers=30)
+
+    refused("'edit_layers'.*< 30", edit_layers=[30])
+    refused("'align_layers'.*< 30", align_layers=[[8, 40]])
+    refused("'hparams'.*layer=31.*0..29", hparams=dict(layer=31))
+    refused("'method_params'.*sake.*target_iters takes", methods=["sake"],
+            method_params={"sake": {"target_iters": "many"}})
+    refused("'method_params'.*unknown BAFT parameter 'rnk'", methods=["baft"],
+            method_params={"baft": {"rnk": 4}})
+    refused("'method_params'.*kne.*layers=\\[2, 99\\]", methods=["kne"],
+            method_params={"kne": {"layers": [2, 99]}})
+    refused("'method_params'.*memit.*layers=\\[28, 29, 30\\]", methods=["memit"],
+            method_params={"memit": {"layers": [28, 29, 30]}})
+    SweepConfig.from_dict(dict(SMALL, methods=["sake", "kne", "memit"], method_params={
+        "sake": {"target_iters": 4}, "kne": {"layers": [1, 2]},
+        "memit": {"v_num_grad_steps": 2}})).validate(n_layers=30)
+
+    from steamviz.models import model_depth
+
+    cfg = SweepConfig.from_dict(dict(SMALL, edit_layers=[(model_depth() or 30) + 5]))
+    with pytest.raises(ConfigError, match="'edit_layers'"):
+        run_sweep(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_memit_takes_its_own_hyperparameters_as_keywords(tokenizer):
+    # method_params of a MEMIT sweep used to reach memit.apply as unknown keywords
+    from conftest import build_tiny
+
+    from steamviz.editors import edit
+    from steamviz.requests import EditRequest
+
+    tiny = build_tiny("llama", tokenizer)
+    req = EditRequest(prompt="{} is located in", subject="Toronto", target_new="Japan",
+                      target_true="Canada")
+    e = edit(tiny, req, "memit", v_num_grad_steps=2, layers=[1, 2],
+             context_template_length_params=[[5, 1]])
+    try:
+        assert e.info["hparams"]["layers"] == (1, 2) and e.info["hparams"]["v_num_grad_steps"] == 2
+    finally:
+        e.restore()
+    with pytest.raises(ValueError, match="layers=\\[3, 9\\]: block indices must lie in 0..3"):
+        edit(tiny, req, "memit", layers=[3, 9])
