@@ -34,6 +34,7 @@ from .capture import capture
 from .context import context_templates
 from .edits import WeightEdit, active_edits
 from .requests import EditRequest
+from .tokens import fill
 
 
 @dataclass
@@ -110,12 +111,15 @@ class MEMITHparams:
 
 def _keys(lm, layer: int, requests, contexts) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean key per request ``[n, d_in]`` and every context key ``[n * c, d_in]``."""
-    prompts, subjects = [], []
+    prompts, subjects, starts = [], [], []
     for r in requests:
-        for c in contexts:
-            prompts.append(c.format(r.rewrite_prompt))
+        inner, at = fill(r.prompt, r.subject)
+        for c in contexts:  # the subject located from the slots (a context may contain it)
+            text, j = fill(c, inner)
+            prompts.append(text)
             subjects.append(r.subject)
-    k, _ = rome._keys_and_outputs(lm, layer, prompts, subjects)
+            starts.append(j + at)
+    k, _ = rome._keys_and_outputs(lm, layer, prompts, subjects, starts)
     return k.view(len(requests), len(contexts), -1).mean(1), k
 
 

@@ -45,7 +45,7 @@ from .forward import layers_from, space
 from .lean import LeanStack
 from .lean import unsupported as lean_unsupported
 from .requests import EditRequest
-from .tokens import pad, subject_last, token_ids
+from .tokens import fill, pad, subject_last, token_ids
 
 
 @dataclass
@@ -61,6 +61,9 @@ class ROMEHparams:
     early_stop_loss: float = 5e-2
     context_template_length_params: tuple = ((5, 10), (10, 10))
     kl_prompts: tuple = ("{} is a",)
+    # where the KL ("essence") distribution is read in the KL prompts: "subject_last" (ROME's
+    # and EasyEdit's choice: the subject's last token) or "last" (the prompt's last token)
+    kl_position: str = "subject_last"
     mom2_adjustment: bool = False  # False: C = I (EasyEdit's shipped configs)
     mom2_corpus: str | None = None  # folder of .txt files, or "model"
     mom2_n_tokens: int = 100_000
@@ -76,6 +79,9 @@ class ROMEHparams:
         self.kl_prompts = tuple(self.kl_prompts)
         if self.v_num_grad_steps < 1 or self.v_lr <= 0:
             raise ValueError("v_num_grad_steps must be >= 1 and v_lr > 0")
+        if self.kl_position not in ("subject_last", "last"):
+            raise ValueError(f"kl_position must be 'subject_last' (ROME) or 'last', got "
+                             f"{self.kl_position!r}")
         if self.v_matmul_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"v_matmul_dtype must be null, 'float32', 'bfloat16' or 'float16', "
                              f"got {self.v_matmul_dtype!r}")
@@ -239,11 +245,13 @@ class VResult:
     seconds: float = 0.0
 
 
-def _keys_and_outputs(lm, layer: int, prompts: list[str], subjects: list[str]):
-    """Input and output of the edited projection at each prompt's subject-last token."""
+def _keys_and_outputs(lm, layer: int, prompts: list[str], subjects: list[str], starts=None):
+    """Input and output of the edited projection at each prompt's subject-last token
+    (``starts``: the subjects' character offsets, :func:`steamviz.tokens.fill`)."""
     mod = mlp_out_module(lm.model, layer)
     ids = [list(lm.prefix_ids) + token_ids(lm, p) for p in prompts]
-    pos = torch.tensor([subject_last(lm, p, s) for p, s in zip(prompts, subjects)])
+    starts = starts or [None] * len(prompts)
+    pos = torch.tensor([subject_last(lm, p, s, i) for p, s, i in zip(prompts, subjects, starts)])
     b = pad(ids, lm.tok.pad_token_id, lm.device)
     got = {}
 
@@ -361,7 +369,8 @@ def prepare(lm, request: EditRequest, hp: ROMEHparams | None = None, use_cache: 
     hp = hp or ROMEHparams.for_model(lm)
     if not 0 <= hp.layer < lm.n_layers:
         raise ValueError(f"layer {hp.layer} out of range: this model has blocks 0..{lm.n_layers - 1}")
-    fields = ("layer", "context_template_length_params", "kl_prompts", "mom2_adjustment",
+    fields = ("layer", "context_template_length_params", "kl_prompts", "kl_position",
+              "mom2_adjustment",
               "mom2_corpus", "mom2_n_tokens", "mom2_ridge", "seed")
     key = (lm.fingerprint, id(lm.model), repr(request.to_rome()),
            tuple(getattr(hp, f) for f in fields))
@@ -372,12 +381,15 @@ def prepare(lm, request: EditRequest, hp: ROMEHparams | None = None, use_cache: 
     contexts = context_templates(lm, hp.context_template_length_params, seed=hp.seed)
     subj = request.subject
     # keys over contexts (the subject's last token only sees the text up to the subject)
-    key_prompts = [c.format(request.prompt.format(subj)) for c in contexts]
+    # (the subject is located from the templates' slots, not by searching its text: a
+    # context prefix may contain the subject too)
+    inner, at = fill(request.prompt, subj)
+    key_prompts = [(text, j + at) for text, j in (fill(c, inner) for c in contexts)]
     target = token_ids(lm, space(request.target_new))
     rows_ids, subj_pos, tgt_rows, tgt_pos, tgt_ids, tgt_w, pred_pos, kl_pos = ([] for _ in range(8))
-    for r, text in enumerate(key_prompts):
+    for r, (text, start) in enumerate(key_prompts):
         ids = list(lm.prefix_ids) + token_ids(lm, text)
-        sp = subject_last(lm, text, subj)
+        sp = subject_last(lm, text, subj, start)
         subj_pos.append(sp)
         pred_pos.append(len(ids) - 1 - sp)
         for j, t in enumerate(target):
@@ -387,11 +399,11 @@ def prepare(lm, request: EditRequest, hp: ROMEHparams | None = None, use_cache: 
             tgt_w.append(1.0 / len(target))
         rows_ids.append(ids + target[:-1])
     for kp in hp.kl_prompts:
-        text = kp.format(subj)
+        text, start = fill(kp, subj)
         ids = list(lm.prefix_ids) + token_ids(lm, text)
-        sp = subject_last(lm, text, subj)
+        sp = subject_last(lm, text, subj, start)
         subj_pos.append(sp)
-        kl_pos.append(len(ids) - 1 - sp)
+        kl_pos.append(0 if hp.kl_position == "subject_last" else len(ids) - 1 - sp)
         rows_ids.append(ids)
     dev = lm.device
     _check_window(lm, rows_ids)
@@ -570,6 +582,26 @@ def compute_v(lm, prep: Prepared, hp: ROMEHparams | None = None, align: Align | 
                    seconds=time.perf_counter() - t0)
 
 
+def _reference_positions(lm, prep: Prepared, hp: ROMEHparams):
+    """The oracle's own token positions, found as ROME's ``find_fact_lookup_idx`` does (the
+    length of the tokenized text up to the end of the subject), independently of
+    :func:`prepare`: the subject's last token per row, each target token's predicting
+    position, and where the KL prompts' distribution is read."""
+    req, dev, n0 = prep.request, lm.device, len(lm.prefix_ids)
+    target = token_ids(lm, space(req.target_new))
+    templates = [c.replace("{}", req.prompt) for c in prep.contexts] + list(hp.kl_prompts)
+    sp, ends = [], []
+    for t in templates:
+        head = t[: t.index("{}")] + req.subject
+        sp.append(n0 + len(token_ids(lm, head)) - 1)
+        ends.append(n0 + len(token_ids(lm, t.replace("{}", req.subject))) - 1)
+    n_rw = prep.n_rewrite
+    abs_tgt = [ends[r] + j for r in range(n_rw) for j in range(len(target))]
+    abs_kl = sp[n_rw:] if hp.kl_position == "subject_last" else ends[n_rw:]
+    t = lambda x: torch.tensor(x, device=dev)  # noqa: E731
+    return t(sp), t(abs_tgt), t(abs_kl)
+
+
 def compute_v_reference(lm, prep: Prepared, hp: ROMEHparams | None = None) -> VResult:
     """The plain implementation (as the ROME / EasyEdit code does it): every step runs the
     whole model on the full rows and computes logits at every position. Used as the
@@ -592,8 +624,7 @@ def compute_v_reference(lm, prep: Prepared, hp: ROMEHparams | None = None) -> VR
         out[rows, sp] += delta
         return out
 
-    abs_tgt = prep.tgt_pos + sp[prep.tgt_rows]
-    abs_kl = prep.kl_pos + sp[n_rw:]
+    sp, abs_tgt, abs_kl = _reference_positions(lm, prep, prep.hp)
     losses, steps = [], 0
     with hooks([mod.register_forward_hook(add_delta)]):
         for it in range(hp.v_num_grad_steps):

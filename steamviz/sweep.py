@@ -556,7 +556,9 @@ def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
 
     from .models import model_depth
 
-    cfg.validate(lm.n_layers if lm is not None else model_depth(cfg.model))  # before any load
+    depth = getattr(lm, "n_layers", None) if lm is not None else model_depth(cfg.model)
+    cfg.validate(depth)  # block indices too, before any load
+    _check_data(cfg)
     run_dir = Path(run_dir)
     changed = _config_change(run_dir, cfg)
     if changed and not force:
@@ -605,6 +607,22 @@ def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
     keys = {k for w in work for k in w[0]}
     df = store.frame()
     return df[df.key.isin(keys)].reset_index(drop=True) if len(df) else df
+
+
+def _check_data(cfg: SweepConfig) -> None:
+    """Read the config's requests once before any write or model load: a missing or
+    malformed data file is a :class:`ConfigError` naming the key."""
+    from .datasets import load_named
+    from .fetch import DataError
+    from .requests import RequestError
+
+    try:
+        reqs = load_named(cfg.data, cfg.offset + cfg.n_edits)
+    except (DataError, RequestError, FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"config key 'data': {e}") from None
+    if len(reqs) <= cfg.offset:
+        raise ConfigError(f"config key 'offset': {cfg.offset} skips every one of the "
+                          f"{len(reqs)} requests in {cfg.data!r}")
 
 
 def _log_row(log, req, point, row) -> None:

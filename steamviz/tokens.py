@@ -58,14 +58,33 @@ def pad(ids: list[list[int]], pad_id: int, device) -> Batch:
     return Batch(input_ids.to(device), mask.to(device), lengths)
 
 
-def subject_span(lm, prompt: str, subject: str) -> tuple[int, int]:
+def fill(template: str, subject: str) -> tuple[str, int]:
+    """``template`` with its ``{}`` slot filled by ``subject``, and the character offset of
+    the subject in the result (where the slot was; not a search for the subject's text).
+
+    >>> fill("Toronto is big. {} is in", "Toronto")
+    ('Toronto is big. Toronto is in', 16)
+    """
+    i = template.find("{}")
+    if i < 0:
+        raise ValueError(f"template {template!r} has no '{{}}' slot for the subject")
+    return template[:i] + subject + template[i + 2 :], i
+
+
+def subject_span(lm, prompt: str, subject: str, start: int | None = None) -> tuple[int, int]:
     """Token indices ``(first, last)`` of ``subject`` inside ``prompt`` (inclusive), counted
     in the prefixed token sequence that :func:`encode` builds.
 
     Uses the tokenizer's character offsets, so a subject that merges with a preceding space
-    (``" Paris"``) is still found. The first occurrence counts.
+    (``" Paris"``) is still found. ``start``: the subject's character offset in ``prompt``
+    (from its template's slot, :func:`fill`); without it the first occurrence counts -- wrong
+    when text before the slot (e.g. an editor's context prefix) contains the subject.
     """
-    start = prompt.find(subject) if subject else -1
+    if start is not None:
+        if prompt[start : start + len(subject)] != subject:
+            raise ValueError(f"subject {subject!r} is not at offset {start} of {prompt!r}")
+    else:
+        start = prompt.find(subject) if subject else -1
     if start < 0:
         raise ValueError(
             f"subject {subject!r} does not occur in prompt {prompt!r}; give the subject "
@@ -82,5 +101,5 @@ def subject_span(lm, prompt: str, subject: str) -> tuple[int, int]:
     return hits[0] + off, hits[-1] + off
 
 
-def subject_last(lm, prompt: str, subject: str) -> int:
-    return subject_span(lm, prompt, subject)[1]
+def subject_last(lm, prompt: str, subject: str, start: int | None = None) -> int:
+    return subject_span(lm, prompt, subject, start)[1]

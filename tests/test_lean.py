@@ -33,13 +33,13 @@ def test_lean_equals_modules(tiny_llama):
     prep = rome.prepare(tiny_llama, REQ, hp, use_cache=False)
     a = rome.compute_v(tiny_llama, prep, hp, lean=True)
     b = rome.compute_v(tiny_llama, prep, hp, lean=False)
-    torch.testing.assert_close(a.delta, b.delta, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.delta, b.delta, rtol=1e-3, atol=1e-4)
     # with STEAM's alignment term, which reads streams between the blocks
     al = _align(tiny_llama, [2, 3, 4])
     a = rome.compute_v(tiny_llama, prep, hp, align=al, lean=True)
     b = rome.compute_v(tiny_llama, prep, hp, align=al, lean=False)
     assert [round(x["align"], 5) for x in a.losses] == [round(x["align"], 5) for x in b.losses]
-    torch.testing.assert_close(a.delta, b.delta, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.delta, b.delta, rtol=1e-3, atol=1e-4)
 
 
 def test_bfloat16_products_stay_close(tiny_llama):

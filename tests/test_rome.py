@@ -33,7 +33,7 @@ def test_fast_v_equals_plain_implementation_tiny(tiny):
     fast = rome.compute_v(tiny, prep, hp)
     plain = rome.compute_v_reference(tiny, prep, hp)
     assert [round(x["nll"], 4) for x in fast.losses] == [round(x["nll"], 4) for x in plain.losses]
-    torch.testing.assert_close(fast.delta, plain.delta, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(fast.delta, plain.delta, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.model
@@ -188,7 +188,8 @@ def test_every_edit_counts_as_active_until_restored():
 
 
 def test_kl_term_is_romes_direction(tokenizer):
-    """The essence term is ROME's KL(P_edited || P_init) on "{subject} is a"."""
+    """The essence term is ROME's KL(P_edited || P_init) on "{subject} is a", read where ROME
+    reads it: at the subject's last token (issue 18.3; the old code read the last token)."""
     from conftest import build_tiny
 
     from steamviz.arch import mlp_out_module
@@ -200,13 +201,13 @@ def test_kl_term_is_romes_direction(tokenizer):
     v = rome.compute_v(lm, prep, hp)
     text = "Toronto is a"
     ids = torch.tensor([list(lm.prefix_ids) + rome.token_ids(lm, text)])
-    sp = rome.subject_last(lm, text, "Toronto")
+    sp = len(lm.prefix_ids) + len(rome.token_ids(lm, "Toronto")) - 1  # as ROME finds it
     h = mlp_out_module(lm.model, 1).register_forward_hook(
         lambda m, a, o: o + torch.nn.functional.one_hot(torch.tensor(sp), ids.shape[1])[None, :, None]
         * v.delta)
     try:
         with torch.no_grad():
-            lp = lm.model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
+            lp = lm.model(input_ids=ids).logits[0, sp].float().log_softmax(-1)
     finally:
         h.remove()
     lp0 = prep.kl_logp_init[0]
@@ -214,3 +215,41 @@ def test_kl_term_is_romes_direction(tokenizer):
     other = float((lp0.exp() * (lp0 - lp)).sum())
     assert abs(v.losses[-1]["kl"] - rome_dir) < 1e-3 * max(rome_dir, 1e-3)
     assert abs(rome_dir - other) > 1e-2 * rome_dir
+
+
+def test_kl_position_option_reads_the_prompts_last_token(tokenizer):
+    from conftest import build_tiny
+
+    lm = build_tiny("llama", tokenizer)
+    hp = ROMEHparams(layer=1, v_num_grad_steps=3, context_template_length_params=((5, 2),))
+    a = rome.prepare(lm, REQ, hp, use_cache=False)
+    b = rome.prepare(lm, REQ, hp.replace(kl_position="last"), use_cache=False)
+    assert a.kl_pos.tolist() == [0] and b.kl_pos.tolist() == [2]  # "Toronto| is a|"
+    for prep in (a, b):  # the oracle finds its positions on its own
+        fast, plain = rome.compute_v(lm, prep), rome.compute_v_reference(lm, prep)
+        torch.testing.assert_close(fast.delta, plain.delta, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="kl_position"):
+        ROMEHparams(kl_position="middle")
+
+
+def test_subject_is_located_from_the_template_not_by_search(tokenizer, monkeypatch):
+    """A context prefix that names the subject must not move the key (issue 18.4)."""
+    from conftest import build_tiny
+
+    from steamviz import memit
+
+    lm = build_tiny("llama", tokenizer)
+    ctx = ["{}", "Toronto is big. {}"]
+    monkeypatch.setattr(rome, "context_templates", lambda *a, **k: list(ctx))
+    hp = ROMEHparams(layer=1, v_num_grad_steps=2)
+    prep = rome.prepare(lm, REQ, hp, use_cache=False)
+    n0 = len(lm.prefix_ids)
+    want = [n0 + len(rome.token_ids(lm, c.replace("{}", "Toronto"))) - 1 for c in ctx]
+    assert prep.subj_pos[:2] == want  # the old code took the context's "Toronto"
+    k, k_all = memit._keys(lm, 1, [REQ], ctx)
+    k_ref, _ = rome._keys_and_outputs(
+        lm, 1, [c.replace("{}", REQ.rewrite_prompt) for c in ctx], ["Toronto"] * 2,
+        starts=[c.index("{}") for c in ctx])
+    torch.testing.assert_close(k_all, k_ref)
+    assert not torch.allclose(k_all[1], rome._keys_and_outputs(
+        lm, 1, ["Toronto is big. " + REQ.rewrite_prompt], ["Toronto"])[0][0])

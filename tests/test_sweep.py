@@ -153,7 +153,13 @@ def test_block_indices_and_method_params_checked_against_the_model_before_any_wr
     cfg = SweepConfig.from_dict(dict(SMALL, edit_layers=[(model_depth() or 30) + 5]))
     with pytest.raises(ConfigError, match="'edit_layers'"):
         run_sweep(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
-    assert not (tmp_path / "run").exists()
+    cfg = SweepConfig.from_dict(dict(SMALL, data=str(tmp_path / "no-such.jsonl")))
+    with pytest.raises(ConfigError, match="'data': edit request not found"):
+        run_sweep(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    cfg = SweepConfig.from_dict(dict(SMALL, offset=500))
+    with pytest.raises(ConfigError, match="'offset': 500 skips every one"):
+        run_sweep(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()  # nothing written, no model loaded
 
 
 def test_memit_takes_its_own_hyperparameters_as_keywords(tokenizer):
