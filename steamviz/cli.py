@@ -73,6 +73,14 @@ def _check_device(device: str) -> None:
                          "CUDA device; use --device cpu (or auto), or install a CUDA build")
 
 
+def _check_recall(rule: str) -> None:
+    from .anchors import recall_rule_ok
+
+    why = recall_rule_ok(rule)
+    if why:
+        raise UsageError(f"--recall: {why}")
+
+
 def _check_edit_args(method: str, lam, params: dict, model=None) -> dict:
     """Everything about the editor that can be checked before the model loads (block
     indices against the depth in ``model``'s config)."""
@@ -214,10 +222,7 @@ def _pool(args) -> int:
     from .io import write_json
     from .models import load_model
 
-    from .anchors import recall_rule_ok
-
-    if recall_rule_ok(args.recall):
-        raise UsageError(f"--recall: {recall_rule_ok(args.recall)}")
+    _check_recall(args.recall)
     reqs = load_named(args.data, args.n)  # data errors come before the model loads
     facts = pool.load_pool(extra=args.facts)
     print(f"[pool] {len(facts):,} candidate facts, {len({f.object for f in facts}):,} objects, "
@@ -336,10 +341,7 @@ def _claims(args) -> int:
                        lams=args.lams, centred_lam=args.centred_lam,
                        hparams=_params(args.param), candidates=args.candidates,
                        recall_rule=args.recall)
-    from .anchors import recall_rule_ok
-
-    if recall_rule_ok(args.recall):
-        raise UsageError(f"--recall: {recall_rule_ok(args.recall)}")
+    _check_recall(args.recall)
     run_claims(cfg, args.out, lm=load_model(args.model, device=args.device))
     print(f"wrote {args.out}/claims.md")
     return 0

@@ -30,7 +30,6 @@ from the unedited model, before the first edit (:mod:`steamviz.references`). PNG
 from __future__ import annotations
 
 import html
-import shutil
 import time
 from pathlib import Path
 
@@ -232,16 +231,14 @@ CAPTIONS = {
 
 
 def _write(out: Path, rows, figs, summary, pngs, png_note) -> None:
-    from .io import write_json, write_text
+    from .io import write_bytes, write_json, write_text
 
     import plotly
 
     out.mkdir(parents=True, exist_ok=True)
     js = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-    if not (out / "plotly.min.js").exists():
-        tmp = out / ".plotly.min.js.tmp"
-        shutil.copyfile(js, tmp)
-        tmp.replace(out / "plotly.min.js")
+    if not (out / "plotly.min.js").exists():  # beside the report: it opens offline
+        write_bytes(out / "plotly.min.js", js.read_bytes())
     cap = {k: v.format(layer=summary["map_layer"], n=summary["map_facts"],
                        late=summary["map_layer_late"]) for k, v in CAPTIONS.items()}
     titles = {"cosine": "2. Per-layer cosine to the new object's anchor (held out)",
