@@ -18,7 +18,8 @@ coordinate ``R_i h`` by ``W_i h + b_i``; ``w(h) = sigmoid(U h / rms(h) + c)`` (`
 each basis vector per token. The weighting is what BaFT adds to LoReFT: the intervention
 can switch itself off, basis by basis, for inputs unrelated to the edit. The gate reads the
 RMS-normalised stream so that the huge attention-sink activations of some tokens
-(position 0 of SmolLM2 has norm ~1e3-2e4 against ~1e2 elsewhere) do not saturate it.
+(position 0 of SmolLM2 has a norm orders of magnitude above the other positions';
+``docs/results.md#baft``) do not saturate it.
 ``W = R`` and ``b = 0`` at the start, so the untrained intervention is exactly the identity.
 
 Design choices (what the paper leaves open for single counterfactual edits):
@@ -35,31 +36,31 @@ Design choices (what the paper leaves open for single counterfactual edits):
   change: a fixed list of unrelated facts (:data:`LOC_PROMPTS`) and the rewrite template
   filled with ``n_distractors`` other subjects from a fixed pool (:data:`DISTRACTORS`);
   these in-relation negatives teach the gate to tell the edited subject from others in the
-  same relation (KL at every token instead of the last: no better, ~30% slower). The request's
+  same relation (KL at every token instead of the last was no better, and slower; see
+  ``docs/results.md#baft``). The request's
   neighborhood prompts are never trained on (they are the evaluation set); a distractor
   whose prompt equals one of them or one of the paraphrases, or that names the subject or
   a target, is skipped. ROME's essence prompt ``"{subject} is a"`` is available through
   ``kl_prompts`` but off by default: as a negative it teaches the gate to switch off for the
-  subject outside the rewrite template, and paraphrase accuracy fell (0.5 -> 0.0 on two
-  requests of the default set).
+  subject outside the rewrite template, and paraphrase accuracy fell
+  (``docs/results.md#baft``).
 - **Gate learning rate:** the gate (``U``, ``c``) learns ``gate_lr_scale`` times faster than
   ``W``, ``b``: with one rate the KL on the negatives fell slowly and some edits ended
-  at the step budget with KL ~0.3-0.6 (Hamburg -> Russia against the Berlin distractor).
+  at the step budget still moving an in-relation negative (``docs/results.md#baft``).
 - **Speed:** the stream leaving the first intervened block is computed once (it does not
   depend on the intervention) and each Adam step runs only the blocks above it
   (:func:`steamviz.forward.run_from_layer`). Training stops early once
   ``nll + loc_factor * kl < early_stop_loss``.
 
 Defaults for SmolLM2-135M (tuned on the first five requests of the default edit set, so
-these numbers are in-sample): block 6's output, rank 4, Adam lr 4e-3 (gate 5x), at most 40
-steps, 3 rewrite rows (bare + 2 context prefixes), 6 fixed + 8 distractor negatives with
-``loc_factor`` 8. Measured with :func:`steamviz.metrics.evaluate` (unedited -> edited):
-efficacy 0.0 -> 1.0, paraphrase 0.2 -> 0.6, neighborhood 1.0 -> 1.0 (margin 0.94 -> 0.92),
-portability 0.1 -> 0.6; ~37 s per edit on one CPU thread (16-40 steps). Block 8 or 12 and
-fewer distractors leaked more to the neighbors (neighborhood 0.33-0.83); block 4 was as good.
+their scores there are in-sample): block 6's output, rank 4, Adam lr 4e-3 (gate 5x), at most
+40 steps, 3 rewrite rows (bare + 2 context prefixes), 6 fixed + 8 distractor negatives with
+``loc_factor`` 8. A later block (8 or 12) or fewer distractors leaked more to the neighbors;
+block 4 was as good. The scores (:func:`steamviz.metrics.evaluate`, unedited -> edited), the
+time per edit and the commands: ``docs/results.md#baft``.
 
 Locality is learned, so it holds only approximately: prompts far from the training
-negatives can still move a little (measured in ``tests/test_baft.py``).
+negatives can still move a little (checked in ``tests/test_baft.py``; ``docs/results.md#baft``).
 """
 
 from __future__ import annotations

@@ -12,6 +12,15 @@ torch.Size([1, 31, 2, 576])
 >>> cap.frame().columns.tolist()[:4]                           # doctest: +SKIP
 ['prompt', 'subject', 'layer', 'position']
 
+The subject positions come from the subject's character offset in each prompt
+(``subject_starts``, e.g. from :func:`steamviz.tokens.fill`, where the template's ``{}`` slot
+was); without it, from the first occurrence of the subject's text, which is wrong when text
+before the slot names the subject (``"Toronto is big. {} is in"``):
+
+>>> text, at = fill("Toronto is big. {} is in", "Toronto")            # doctest: +SKIP
+>>> capture(lm, [text], positions=("subject_last",), subjects=["Toronto"],
+...         subject_starts=[at])                                   # doctest: +SKIP
+
 Hooks are registered inside a context manager and always removed, also on error; the same
 model object can be captured before and after an edit.
 """
@@ -100,10 +109,14 @@ def _first_tensor(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-def position_indices(lm, prompts, subjects, positions, lengths) -> torch.Tensor:
-    """``[prompt, position]`` token indices for named positions."""
+def position_indices(lm, prompts, subjects, positions, lengths, subject_starts=None
+                     ) -> torch.Tensor:
+    """``[prompt, position]`` token indices for named positions. ``subject_starts``: each
+    subject's character offset in its prompt (``None`` for a prompt, or for all: the first
+    occurrence of the subject's text; see :func:`capture`)."""
     idx = torch.zeros((len(prompts), len(positions)), dtype=torch.long)
     for i, p in enumerate(prompts):
+        start = None if subject_starts is None else subject_starts[i]
         span = None
         for k, name in enumerate(positions):
             if name == "last":
@@ -111,7 +124,7 @@ def position_indices(lm, prompts, subjects, positions, lengths) -> torch.Tensor:
             elif name in ("subject_last", "subject_first"):
                 if subjects is None or subjects[i] is None:
                     raise ValueError(f"position {name!r} needs a subject for prompt {p!r}")
-                span = span or subject_span(lm, p, subjects[i])
+                span = span or subject_span(lm, p, subjects[i], start)
                 idx[i, k] = span[1] if name == "subject_last" else span[0]
             else:
                 raise ValueError(f"unknown position {name!r}; choose from {POSITIONS}")
@@ -126,12 +139,19 @@ def capture(
     layers: Sequence[int] | None = None,
     subjects: Sequence[str] | None = None,
     batch_size: int = 32,
+    subject_starts: Sequence[int | None] | None = None,
 ) -> Capture:
     """Run ``prompts`` and return the residual stream at ``layers`` x ``positions``.
 
     ``layers``: indices in ``0..n_layers`` (default all, ``n_layers + 1`` of them).
     ``positions``: names from :data:`POSITIONS`. ``subjects``: one per prompt, needed for
-    the ``subject_*`` positions. Batched with right padding; the forward pass stops after
+    the ``subject_*`` positions. ``subject_starts``: one per prompt, the subject's character
+    offset in it -- where its template's ``{}`` slot was (:func:`steamviz.tokens.fill`); pass
+    it whenever the prompts come from templates. Without it (or for a ``None`` entry) the
+    subject is searched for and its first occurrence counts, which is wrong when text before
+    the slot (a context prefix, a preamble) names the subject too; a search is the only option
+    for prompts written without a template. An offset where the subject's text is not raises
+    ``ValueError``. Batched with right padding; the forward pass stops after
     the last requested layer and never computes logits.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -139,6 +159,14 @@ def capture(
         subjects = [subjects]
     if subjects is not None and len(subjects) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(subjects)} subjects")
+    if isinstance(subject_starts, int):
+        subject_starts = [subject_starts]
+    if subject_starts is not None:
+        if subjects is None:
+            raise ValueError("subject_starts needs subjects (the subject at each offset)")
+        if len(subject_starts) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(subject_starts)} "
+                             "subject_starts")
     n = lm.n_layers
     layers = list(range(n + 1)) if layers is None else [int(x) for x in layers]
     bad = [x for x in layers if not 0 <= x <= n]
@@ -153,8 +181,9 @@ def capture(
     for s in range(0, len(prompts), batch_size):
         ps = prompts[s : s + batch_size]
         ss = None if subjects is None else list(subjects[s : s + batch_size])
+        st = None if subject_starts is None else list(subject_starts[s : s + batch_size])
         batch = encode(lm, ps)
-        idx = position_indices(lm, ps, ss, positions, batch.lengths)
+        idx = position_indices(lm, ps, ss, positions, batch.lengths, st)
         gather = idx.to(lm.device)
         rows = torch.arange(len(ps), device=lm.device)[:, None]
         got: dict[int, torch.Tensor] = {}

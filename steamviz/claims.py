@@ -47,6 +47,9 @@ class ClaimsConfig:
     max_new_tokens: int = 20
     bank_size: int = 2000
     recall_rule: str = "greedy"  # which reference facts count as known (anchors.recall_rule_ok)
+    # ParaRel pattern per relation: "best" (pool.choose_patterns, on subjects not evaluated
+    # here) or "first" (the file's first usable one)
+    pararel_patterns: str = "best"
 
 
 #: (claim, metric, data, kind, margin): kind "up" or "kept"; margin of "kept" in metric units
@@ -136,13 +139,21 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print) -> pd.DataFrame:
     t0 = time.perf_counter()
     run = Path(out)
     lm = lm or load_model()
-    facts = load_pool()
     cf = load_counterfact(fetch.path("counterfact", "counterfact_easyedit/counterfact-val.json"),
                           limit=cfg.candidates)
     port = [r for r in load_mquake(fetch.path("mquake", "mquake/MQuAKE-CF-subset.json"),
                                    single_edit_only=True)]
     port += load_zsre(fetch.path("zsre", "zsre_portability/zsre_portability.json"))
     port = [r for r in port if r.portability_prompts][: 3 * cfg.n_port]
+    patterns = "first"
+    templates = None
+    if cfg.pararel_patterns == "best":  # chosen on subjects that are never evaluated here
+        from .pool import best_templates
+
+        templates = best_templates(lm, {r.subject for r in cf + port}, cfg.recall_rule, log)
+        patterns = str(run / "pararel_patterns.json")
+        write_json(Path(patterns), templates)
+    facts = load_pool(pararel_templates=templates)
     cf, cf_why = _anchored(lm, cf, cfg.seeds, facts, cfg.n_cf, log, cfg.recall_rule)
     port, port_why = _anchored(lm, port, cfg.seeds, facts, cfg.n_port, log, cfg.recall_rule)
     lam_c = cfg.centred_lam if cfg.centred_lam is not None else tune_centred_lambda(
@@ -153,7 +164,7 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print) -> pd.DataFrame:
         base = dict(data=data, n_edits=len(reqs), anchor_seeds=list(cfg.seeds),
                     reference_facts="pool", generation=gen, max_new_tokens=cfg.max_new_tokens,
                     hparams=dict(cfg.hparams), bank_size=cfg.bank_size,
-                    recall_rule=cfg.recall_rule)
+                    recall_rule=cfg.recall_rule, pararel_patterns=patterns)
         raw = SweepConfig.from_dict(dict(base, methods=["rome", "steam-rome"],
                                          lams=[float(x) for x in cfg.lams], centered=[False]))
         cen = SweepConfig.from_dict(dict(base, methods=["steam-rome"], lams=[float(lam_c)],

@@ -224,11 +224,15 @@ def _pool(args) -> int:
 
     _check_recall(args.recall)
     reqs = load_named(args.data, args.n)  # data errors come before the model loads
-    facts = pool.load_pool(extra=args.facts)
-    print(f"[pool] {len(facts):,} candidate facts, {len({f.object for f in facts}):,} objects, "
-          f"{len({f.relation for f in facts})} relations")
+    pool.load_pool(extra=args.facts)  # a bad facts file before the model loads
     lm = load_model(args.model, device=args.device)
     t0 = time.time()
+    templates = None
+    if args.patterns == "best":
+        templates = pool.best_templates(lm, {r.subject for r in reqs}, args.recall, log=print)
+    facts = pool.load_pool(extra=args.facts, pararel_templates=templates)
+    print(f"[pool] {len(facts):,} candidate facts, {len({f.object for f in facts}):,} objects, "
+          f"{len({f.relation for f in facts})} relations")
     rep = pool.coverage(lm, reqs, facts, min_facts=args.min_facts, widen_to=args.widen,
                         rule=args.recall, log=print)
     reasons = {r["reason"] for r in rep["rows"] if r["reason"]}
@@ -340,7 +344,7 @@ def _claims(args) -> int:
     cfg = ClaimsConfig(n_cf=args.n_cf, n_port=args.n_port, seeds=args.seeds,
                        lams=args.lams, centred_lam=args.centred_lam,
                        hparams=_params(args.param), candidates=args.candidates,
-                       recall_rule=args.recall)
+                       recall_rule=args.recall, pararel_patterns=args.patterns)
     _check_recall(args.recall)
     run_claims(cfg, args.out, lm=load_model(args.model, device=args.device))
     print(f"wrote {args.out}/claims.md")
@@ -374,6 +378,9 @@ def main(argv=None) -> int:
     o.add_argument("--widen", type=int, default=400,
                    help="second pass: up to N candidates per relation for objects short of "
                         "--min-facts recalled facts (0: off)")
+    o.add_argument("--patterns", choices=["best", "first"], default="best",
+                   help="ParaRel pattern per relation: the one the model completes best on "
+                        "subjects not evaluated (best), or the file's first (first)")
     o.add_argument("--out", default=None, help="write the per-request report (JSON)")
     o.add_argument("--model", default=None)
     o.add_argument("--device", default="auto")
@@ -444,6 +451,8 @@ def main(argv=None) -> int:
                    help="a ROME hyperparameter override; repeatable")
     q.add_argument("--recall", default="greedy", help="recall rule of reference facts: "
                    "greedy or topK (see steamviz pool --recall)")
+    q.add_argument("--patterns", choices=["best", "first"], default="best",
+                   help="ParaRel pattern per relation (see steamviz pool --patterns)")
     q.add_argument("--model", default=None)
     q.add_argument("--device", default="auto")
     q.set_defaults(fn=_claims)

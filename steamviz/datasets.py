@@ -832,8 +832,28 @@ def _pararel_template(pattern: str) -> str | None:
     return m["head"].replace("[X]", "{}")
 
 
+def pararel_patterns(folder: str | Path) -> dict[str, list[str]]:
+    """Every relation's usable ParaRel patterns as templates, in file order (``[Y]`` ends the
+    sentence; see :func:`load_pararel`). Relations without one are left out."""
+    root = _existing(folder, "ParaRel data", "pass the pararel folder (holding pattern_data/)")
+    pattern_dir = root / "pattern_data" / "graphs_json"
+    _existing(pattern_dir, "ParaRel folder", "pass the pararel folder (holding pattern_data/)")
+    out: dict[str, list[str]] = {}
+    for pf in sorted(pattern_dir.glob("P*.jsonl")):
+        usable = []
+        for i, rec in enumerate(_read_records(pf)):
+            w = _Where(pf.name, i)
+            t = _pararel_template(_string(_need(_as_dict(rec, w), "pattern", w), "pattern", w))
+            if t is not None and t not in usable:
+                usable.append(t)
+        if usable:
+            out[pf.stem] = usable
+    return out
+
+
 def load_pararel(
-    folder: str | Path, relations: Iterable[str] | None = None, pattern_index: int = 0
+    folder: str | Path, relations: Iterable[str] | None = None, pattern_index: int = 0,
+    templates: dict[str, str] | None = None,
 ) -> list[Fact]:
     """ParaRel facts (T-REx labels, ``trex_lms_vocab/P*.jsonl``) with a completion template
     from ``pattern_data/graphs_json/P*.jsonl``.
@@ -843,7 +863,9 @@ def load_pararel(
     file order. relation = the P-id. With ``relations=None`` every relation that has facts and a
     usable pattern number ``pattern_index`` is loaded (the release has facts without patterns
     for P31 and P527); a relation named in ``relations`` that lacks one is an error. Labels lose
-    surrounding whitespace; exact duplicate facts are dropped."""
+    surrounding whitespace; exact duplicate facts are dropped. ``templates``: a template per
+    relation (one of its usable patterns, e.g. from :func:`steamviz.pool.choose_patterns`)
+    that replaces pattern ``pattern_index`` for that relation."""
     root = _existing(folder, "ParaRel data", "pass the pararel folder (holding trex_lms_vocab/)")
     fact_dir = root / "trex_lms_vocab"
     pattern_dir = root / "pattern_data" / "graphs_json"
@@ -871,6 +893,11 @@ def load_pararel(
                 )
             continue
         template = usable[pattern_index]
+        if templates and rel in templates:
+            if templates[rel] not in usable:
+                raise ValueError(f"ParaRel relation {rel}: template {templates[rel]!r} is not one of "
+                                 f"its usable patterns {usable}")
+            template = templates[rel]
         rel_facts = []
         for i, rec in enumerate(_read_records(fact_files[rel])):
             w = _Where(fact_files[rel].name, i)

@@ -130,6 +130,19 @@ def next_token_logits(lm, prompts: Sequence[str], batch_size: int = 32) -> torch
     return torch.cat(rows)
 
 
+def left_pad(lm, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token id rows left-padded for batched decoding: ``input_ids``, ``attention_mask`` and
+    ``position_ids`` ``[rows, T]`` on the model's device (positions count real tokens only)."""
+    T = max(len(x) for x in ids)
+    inp = torch.full((len(ids), T), int(lm.tok.pad_token_id), dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        inp[i, T - len(x) :] = torch.tensor(list(x))
+        mask[i, T - len(x) :] = 1
+    inp, mask = inp.to(lm.device), mask.to(lm.device)
+    return inp, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+
+
 @torch.no_grad()
 def greedy(lm, prompts: Sequence[str], max_new_tokens: int = 20, stop_at_eos: bool = True,
            batch_size: int = 16) -> list[str]:
@@ -145,14 +158,7 @@ def greedy(lm, prompts: Sequence[str], max_new_tokens: int = 20, stop_at_eos: bo
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s : s + batch_size]
         ids = [list(lm.prefix_ids) + token_ids(lm, p) for p in chunk]
-        T = max(len(x) for x in ids)
-        inp = torch.full((len(ids), T), int(lm.tok.pad_token_id), dtype=torch.long)
-        mask = torch.zeros((len(ids), T), dtype=torch.long)
-        for i, x in enumerate(ids):
-            inp[i, T - len(x) :] = torch.tensor(x)
-            mask[i, T - len(x) :] = 1
-        inp, mask = inp.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        inp, mask, pos = left_pad(lm, ids)
         past, cur = None, inp
         new = torch.zeros((len(ids), 0), dtype=torch.long, device=dev)
         done = torch.zeros(len(ids), dtype=torch.bool, device=dev)

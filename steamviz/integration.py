@@ -4,8 +4,8 @@ For the model as it is now (call before and after an edit):
 
 - :func:`anchor_cosines`: per layer, cosine between a prompt's residual stream at the
   predicting (last) token and the new object's anchor phi^l -- raw, and centred on the
-  reference bank's mean stream (raw cosines of this model sit near 0.99 whatever the
-  object; centring removes the shared component).
+  reference bank's mean stream (raw cosines of this model sit near 1 whatever the
+  object, ``docs/latent-geometry.md``; centring removes the shared component).
 - :func:`knn_share` (the isolation score): among the k nearest neighbours (centred cosine)
   of the edited representation within the unedited model's representations of many
   reference facts, the share whose object is o*. Low = isolated, high = integrated.

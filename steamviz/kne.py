@@ -30,9 +30,9 @@ How it works (the feed-forward weight matrices ``W`` of the attributed layers):
    values of exactly those entries: ``restore()`` is bitwise. Nothing is written before the
    optimisation has finished, and a failure while writing restores what was written.
 
-Choices where the paper leaves room (all in :class:`KNEHparams`), measured on SmolLM2-135M
-with the default edit set (efficacy stays 1.0 in every setting; the settings trade
-neighborhood against paraphrase):
+Choices where the paper leaves room (all in :class:`KNEHparams`), chosen on SmolLM2-135M
+with the default edit set (efficacy holds in every setting; the settings trade neighborhood
+against paraphrase; the scores and commands: ``docs/results.md#kne``):
 
 - ``matrices="all"``: every 2-D weight of the MLP block (Llama/Qwen/Gemma: gate, up, down;
   GPT-2: ``c_fc``, ``c_proj``; GPT-J: ``fc_in``, ``fc_out``; NeoX: ``dense_h_to_4h``,
@@ -42,14 +42,16 @@ neighborhood against paraphrase):
 - ``attr_positions="subject"``: the attribution counts only the gradient through the
   subject's tokens (weight gradient summed over those positions), so the ensemble holds
   entries that act *on the subject*; ``"all"`` (the plain full gradient) picks entries
-  that move the relation's answer for every subject (neighborhood 0.0 on 5 requests).
+  that move the relation's answer for every subject (the neighborhood prompts flip too).
 - ``layer_span=1/3``: the first third of the blocks (0-9 of 30), where MLPs build the
   subject's representation (ROME's causal traces); all 30 layers (the paper's setting,
-  ``layer_span=1.0``) let the optimiser find generic late-layer shortcuts
-  (neighborhood 0.0 -> 0.4 -> 0.6 with early layers and subject attribution, 5 requests).
+  ``layer_span=1.0``) let the optimiser find generic late-layer shortcuts (neighborhood
+  improves with early layers, and more with subject attribution on top).
 - ``early_stop_loss=0.2`` (mean P(target) ~ 0.8 over the contexts): enough for efficacy,
-  less collateral than 0.05 (10 requests: neighborhood 0.77 -> 0.83, paraphrase
-  0.70 -> 0.65, half the steps).
+  less collateral than 0.05 and half the steps, at a small cost in paraphrase.
+- The subject's tokens are located from the template's ``{}`` slot
+  (:func:`steamviz.tokens.fill`), not by searching the subject's text, so a template whose
+  text before the slot names the subject attributes through the slot's tokens.
 - The attribution prompt is the bare rewrite prompt (the model's start tokens first) with
   the *new* target (``attr_target="new"``); ``"true"`` attributes the old answer instead
   (the knowledge-neuron reading), which needs ``request.target_true``.
@@ -74,7 +76,7 @@ from .context import context_templates
 from .edits import Edit, WeightDelta, WeightEdit
 from .forward import _with_targets, space
 from .requests import EditRequest
-from .tokens import encode, subject_span
+from .tokens import encode, fill, subject_span
 
 
 @dataclass
@@ -255,8 +257,8 @@ class _Targets:
 
 # -- 1. attribution ---------------------------------------------------------------------------
 def attribute(lm, prompt: str, target: str, weights: dict[str, torch.Tensor], steps: int = 16,
-              signed: bool = False, batch_size: int = 16, subject: str | None = None
-              ) -> dict[str, torch.Tensor]:
+              signed: bool = False, batch_size: int = 16, subject: str | None = None,
+              subject_start: int | None = None) -> dict[str, torch.Tensor]:
     """Integrated-gradient attribution of ``log P(target | prompt)`` to every entry of
     ``weights`` (scaled jointly from 0 to themselves): ``W * mean_alpha dlogP/dW'`` at
     ``W' = alpha W``, as ``|.|`` unless ``signed``. Same shapes as the weights, float32.
@@ -264,6 +266,10 @@ def attribute(lm, prompt: str, target: str, weights: dict[str, torch.Tensor], st
     ``subject``: count only the gradient that flows through the subject's tokens in
     ``prompt`` (the weight gradient summed over those positions only), i.e. the entries'
     effect on the target *via the subject*. ``None``: every position (the full gradient).
+    ``subject_start``: the subject's character offset in ``prompt``, where its template's
+    ``{}`` slot was (:func:`steamviz.tokens.fill`; :func:`apply` passes it). Without it the
+    subject's text is searched for and its first occurrence counts -- wrong when text before
+    the slot names the subject; only for prompts written without a template.
 
     Fast path, exact: the weights are not copied. A forward hook turns each matrix's output
     ``W x + b`` into ``alpha (W x) + b`` (= the output with ``alpha W``), one batch row per
@@ -286,8 +292,10 @@ def attribute(lm, prompt: str, target: str, weights: dict[str, torch.Tensor], st
     base = get_module(lm.model, lm.adapter.base)
     span = slice(None)
     if subject is not None:
-        first, last = subject_span(lm, prompt, subject)
+        first, last = subject_span(lm, prompt, subject, subject_start)
         span = slice(first, last + 1)
+    elif subject_start is not None:
+        raise ValueError("subject_start needs the subject")
     for s in range(0, steps, batch_size):
         chunk = alphas[s : s + batch_size]
         tg = _Targets(lm, [prompt] * len(chunk), target)
@@ -459,6 +467,9 @@ def apply(lm, request: EditRequest | dict, hparams: KNEHparams | None = None,
     """Edit ``lm`` in place; returns an undoable :class:`KNEEdit`.
 
     ``info``: ``hparams``, ``ensemble_size``, ``ensemble_fraction``, ``threshold``,
+    ``attr_tokens`` (``[first, last]`` token indices, start tokens counted, of the subject the
+    attribution goes through, located from the template's slot; ``None`` for
+    ``attr_positions="all"``),
     ``n_entries`` (all attributed entries), ``per_layer`` (``layer, entries, fraction,
     neurons``), ``losses``, ``steps``, ``seconds_attr``, ``seconds_opt``, ``seconds``.
     """
@@ -473,8 +484,13 @@ def apply(lm, request: EditRequest | dict, hparams: KNEHparams | None = None,
         attr_tgt = request.target_true
     else:
         attr_tgt = request.target_new
-    scores = attribute(lm, request.rewrite_prompt, attr_tgt, weights, hp.ig_steps, hp.signed,
-                       subject=request.subject if hp.attr_positions == "subject" else None)
+    # the subject located from the template's slot (its text may also occur before the slot)
+    prompt, at = fill(request.prompt, request.subject)
+    on_subject = hp.attr_positions == "subject"
+    scores = attribute(lm, prompt, attr_tgt, weights, hp.ig_steps, hp.signed,
+                       subject=request.subject if on_subject else None,
+                       subject_start=at if on_subject else None)
+    attr_tokens = list(subject_span(lm, prompt, request.subject, at)) if on_subject else None
     flat_idx, thr = select_top(scores, hp.fraction, seed=hp.seed)
     del scores
     n_all = sum(w.numel() for w in weights.values())
@@ -499,7 +515,7 @@ def apply(lm, request: EditRequest | dict, hparams: KNEHparams | None = None,
     size = sum(int(i.numel()) for i in flat_idx.values())
     info = dict(
         request=request.to_dict(), hparams=hp.to_dict(), ensemble_size=size,
-        ensemble_fraction=size / n_all, n_entries=n_all, threshold=thr,
+        ensemble_fraction=size / n_all, n_entries=n_all, threshold=thr, attr_tokens=attr_tokens,
         matrices=sorted(weights), per_layer=[per_layer[k] for k in sorted(per_layer)],
         losses=losses, steps=steps, seconds_attr=t_attr, seconds_opt=t_opt,
     )

@@ -7,18 +7,27 @@
 1. Per request a target ``z_i`` for the residual stream leaving the last layer of the range
    at the subject's last token: ROME's v* objective (:func:`steamviz.rome.compute_v`, with
    STEAM's alignment term when ``lam > 0``; anchors are cached and shared between requests
-   with the same new object).
-2. For each layer ``l`` of the range, in order: keys ``K`` (subject's last token, averaged
-   over the context prompts), residuals ``R = (z - z_now) / (layers left)``, and the
-   least-squares update ``dW = R K^T (w C + K K^T)^-1`` with ``C`` the keys' second moment
-   and ``w = mom2_update_weight``.
+   with the same new object). As in MEMIT's ``compute_z``, the norm clamp and the weight
+   decay are relative to that residual stream on the bare rewrite prompt (``norm_ref``),
+   not to the MLP output ROME uses.
+2. For each layer ``l`` of the range, in order: keys ``K`` (subject's last token; as in
+   MEMIT's ``compute_ks``, the mean over each context-template type -- the bare ``"{}"``,
+   then one type per ``(length, n)`` pair -- then the mean of those means), residuals
+   ``R = (z - z_now) / (layers left)``, and the least-squares update
+   ``dW = R K^T (w C + K K^T)^-1`` with ``C`` the keys' second moment and
+   ``w = mom2_update_weight``.
+
+Context templates default to MEMIT's: the bare prompt and 5 model-written prefixes of 10
+tokens (``context_template_length_params=((10, 5),)``; EasyEdit's MEMIT YAML has no such
+field, so its files get this default too).
 
 Choice where the paper's setting needs statistics we may not have: without a corpus,
 ``C`` is the identity scaled to the mean squared key norm per dimension of the keys seen
 and ``mom2_update_weight`` defaults to ``d_in`` (MEMIT's 15000 was set for GPT-J's
-``d_in`` = 16384 with real statistics; with the scaled identity, 15000 on SmolLM2's 1536-wide
-keys shrinks every update ~10x: measured, the edits did not land). Pass ``mom2_corpus`` for
-the real ``C`` (then the default weight is 15000).
+``d_in`` = 16384 with real statistics; with the scaled identity, a weight far above
+``d_in`` shrinks every update until the edits no longer land, as on SmolLM2's 1536-wide
+keys: ``docs/results.md#memit``). Pass ``mom2_corpus`` for the real ``C`` (then the default
+weight is 15000).
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ class MEMITHparams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
-    context_template_length_params: tuple = ((5, 10), (10, 10))
+    context_template_length_params: tuple = ((10, 5),)  # MEMIT's (ROME: ((5, 10), (10, 10)))
     mom2_update_weight: float | None = None  # None: 15000 with statistics, d_in without
     mom2_corpus: str | None = None
     mom2_n_tokens: int = 100_000
@@ -109,8 +118,22 @@ class MEMITHparams:
             context_template_length_params=self.context_template_length_params, seed=self.seed)
 
 
-def _keys(lm, layer: int, requests, contexts) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean key per request ``[n, d_in]`` and every context key ``[n * c, d_in]``."""
+def context_groups(length_params) -> list[int]:
+    """How many templates of each type :func:`steamviz.context.context_templates` returns,
+    in its order: the bare ``"{}"``, then ``n`` per ``(length, n)`` pair (pairs with
+    ``n = 0`` give none)."""
+    return [1] + [int(n) for _, n in length_params if int(n) > 0]
+
+
+def _keys(lm, layer: int, requests, contexts, groups=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key per request ``[n, d_in]`` and every context key ``[n * c, d_in]``.
+
+    ``groups``: sizes of the consecutive context-template types (:func:`context_groups`);
+    the key is the mean of the per-type means, as MEMIT's ``compute_ks``. ``None``: one
+    type, a flat mean over ``contexts``."""
+    groups = [len(contexts)] if groups is None else [int(g) for g in groups]
+    if sum(groups) != len(contexts) or min(groups) < 1:
+        raise ValueError(f"context groups {groups} do not split {len(contexts)} contexts")
     prompts, subjects, starts = [], [], []
     for r in requests:
         inner, at = fill(r.prompt, r.subject)
@@ -120,27 +143,20 @@ def _keys(lm, layer: int, requests, contexts) -> tuple[torch.Tensor, torch.Tenso
             subjects.append(r.subject)
             starts.append(j + at)
     k, _ = rome._keys_and_outputs(lm, layer, prompts, subjects, starts)
-    return k.view(len(requests), len(contexts), -1).mean(1), k
+    per = k.view(len(requests), len(contexts), -1)
+    means = torch.stack([g.mean(1) for g in per.split(groups, dim=1)], dim=1)
+    return means.mean(1), k
 
 
 def _z_now(lm, requests, z_layer: int) -> torch.Tensor:
     """Residual stream leaving block ``z_layer`` at the subject's last token, bare prompts."""
-    cap = capture(lm, [r.rewrite_prompt for r in requests], positions=("subject_last",),
-                  layers=[z_layer + 1], subjects=[r.subject for r in requests])
+    filled = [fill(r.prompt, r.subject) for r in requests]  # the subject at the slot
+    cap = capture(lm, [t for t, _ in filled], positions=("subject_last",), layers=[z_layer + 1],
+                  subjects=[r.subject for r in requests], subject_starts=[i for _, i in filled])
     return cap.tensor[:, 0, 0]
 
 
 _Z_CACHE: dict = {}
-
-
-def _digest(align) -> str:
-    """What the alignment term pulls toward (anchor and centre), as a short hash."""
-    import hashlib
-
-    h = hashlib.sha256(align.phi.detach().float().cpu().numpy().tobytes())
-    if align.center is not None:
-        h.update(align.center.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def clear_caches() -> None:
@@ -182,14 +198,18 @@ def apply(lm, requests, hparams: MEMITHparams | None = None, lam: float = 0.0,
     z_init = _z_now(lm, requests, z_layer)
     deltas, losses = [], []
     clean = not active_edits(lm.model)
-    for r in requests:
+    for i, r in enumerate(requests):
         align = align_for.get(r.target_new)
+        # z_init[i] (the norm reference) is a function of the unedited model, the request
+        # and rhp.layer (= z_layer), all in the key; the cache is read only on a clean model
         key = (lm.fingerprint, id(lm.model), repr(r.to_rome()), repr(rhp),
-               None if align is None else (align.lam, tuple(align.layers), _digest(align)))
+               None if align is None else align.key())
         v = _Z_CACHE.get(key) if clean else None
         if v is None:
             prep = rome.prepare(lm, r, rhp)
-            v = rome.compute_v(lm, prep, rhp, align=align, early_stop_on="rome")
+            # MEMIT's compute_z: clamp and decay relative to the residual stream (target_init)
+            v = rome.compute_v(lm, prep, rhp, align=align, early_stop_on="rome",
+                               norm_ref=z_init[i])
             if clean:
                 _Z_CACHE[key] = v
                 while len(_Z_CACHE) > 512:
@@ -198,13 +218,14 @@ def apply(lm, requests, hparams: MEMITHparams | None = None, lam: float = 0.0,
         losses.append(v.losses[-1])
     z = z_init + torch.stack(deltas)  # [n, d]
     contexts = context_templates(lm, hp.context_template_length_params, seed=hp.seed)
+    groups = context_groups(hp.context_template_length_params)
     name = ("STEAM-MEMIT" if lam else "MEMIT") if method is None else method
     edit = WeightEdit(lm.model, name, dict(
         requests=[r.to_dict() for r in requests], hparams=hp.to_dict(), lam=lam,
         final_losses=losses))
     with edit.undo_on_error():
         for i, layer in enumerate(hp.layers):
-            K, K_all = _keys(lm, layer, requests, contexts)  # [n, d_in]
+            K, K_all = _keys(lm, layer, requests, contexts, groups)  # [n, d_in]
             R = (z - _z_now(lm, requests, z_layer)) / (len(hp.layers) - i)  # [n, d]
             Kd, Rd = K.double().T, R.double().T  # [d_in, n], [d, n]
             if hp.mom2_corpus:

@@ -106,9 +106,86 @@ def load_user_facts(path) -> list[Fact]:
     return out
 
 
-def load_pool(sources=SOURCES, extra=None) -> list[Fact]:
+def choose_patterns(lm, n: int = 40, seed: int = 0, rule: str = "greedy",
+                    exclude_subjects=(), folder=None, log=None) -> dict[str, dict]:
+    """Per ParaRel relation, the usable pattern the unedited model completes best.
+
+    ParaRel gives each relation several paraphrased patterns; the first in file order is
+    often one a small model cannot complete ("{} is located in" for a continent, where
+    SmolLM2 answers with a country), while another ("{} is a part of the continent of") ends
+    where the model expects the object. For each relation, ``n`` facts are sampled (seeded,
+    one object at a time so frequent objects do not dominate) from subjects *not* in
+    ``exclude_subjects`` -- pass every subject of the requests you evaluate: CounterFact's
+    prompts are ParaRel patterns, so choosing on an evaluated subject would fit on an
+    evaluated prompt. Each pattern is scored by how many of them the model recalls under
+    ``rule``; ties go to more first tokens in the top 10, then to file order.
+
+    Returns ``{relation: {"template", "recalled", "top10", "n", "scores"}}`` where ``scores``
+    lists every pattern's ``(template, recalled, top10)``. Recall checks are cached per model
+    (:func:`steamviz.anchors.recalled`); raises ``EditedModelError`` under an edit.
+    """
+    from . import fetch
+    from .anchors import recall_rule_ok, recalled
+    from .datasets import pararel_patterns
+
+    why = recall_rule_ok(rule)
+    if why:
+        raise ValueError(why)
+    folder = folder or fetch.path("pararel", "pararel")
+    patterns = pararel_patterns(folder)
+    excluded = set(exclude_subjects)
+    facts = [f for f in load_pararel(folder, relations=None) if f.subject not in excluded]
+    by_rel: dict[str, dict[str, list[Fact]]] = defaultdict(lambda: defaultdict(list))
+    for f in facts:
+        by_rel[f.relation][f.object].append(f)
+    sample: dict[str, list[Fact]] = {}
+    for rel in sorted(by_rel):
+        rng = random.Random(f"patterns:{seed}:{rel}")
+        groups = [rng.sample(g, len(g)) for _, g in sorted(by_rel[rel].items())]
+        rng.shuffle(groups)
+        picked: list[Fact] = []
+        while len(picked) < n and any(groups):
+            for g in groups:
+                if g and len(picked) < n:
+                    picked.append(g.pop())
+        sample[rel] = picked
+    probe = [Fact(f.subject, rel, f.object, t) for rel, fs in sample.items()
+             for t in patterns.get(rel, []) for f in fs]
+    if log:
+        log(f"[pool] choosing ParaRel patterns: {len(probe):,} recall checks "
+            f"({len(sample)} relations, {n} facts each, every usable pattern)")
+    ok = dict(zip(probe, recalled(lm, probe, rule=rule)))
+    top10 = dict(zip(probe, recalled(lm, probe, rule="top10")))
+    out = {}
+    for rel, fs in sample.items():
+        scores = []
+        for t in patterns.get(rel, []):
+            fx = [Fact(f.subject, rel, f.object, t) for f in fs]
+            scores.append((t, sum(ok[f] for f in fx), sum(top10[f] for f in fx)))
+        if not scores:
+            continue
+        best = max(range(len(scores)), key=lambda i: (scores[i][1], scores[i][2], -i))
+        out[rel] = dict(template=scores[best][0], recalled=scores[best][1],
+                        top10=scores[best][2], n=len(fs), scores=scores)
+    return out
+
+
+def best_templates(lm, exclude_subjects=(), rule: str = "greedy", log=None) -> dict[str, str]:
+    """``{relation: template}`` of :func:`choose_patterns` with its defaults, for
+    :func:`load_pool`'s ``pararel_templates``."""
+    ch = choose_patterns(lm, rule=rule, exclude_subjects=exclude_subjects, log=log)
+    if log:
+        moved = [r for r, c in ch.items() if c["template"] != c["scores"][0][0]]
+        log(f"[pool] ParaRel patterns: {len(moved)} of {len(ch)} relations use another than "
+            f"their first ({', '.join(moved)})")
+    return {r: c["template"] for r, c in ch.items()}
+
+
+def load_pool(sources=SOURCES, extra=None, pararel_templates: dict | None = None) -> list[Fact]:
     """Every candidate reference fact of ``sources`` (plus the facts file ``extra``),
-    deduplicated by (subject, object). Public sources come through :mod:`steamviz.fetch`."""
+    deduplicated by (subject, object). Public sources come through :mod:`steamviz.fetch`.
+    ``pararel_templates``: a template per ParaRel relation (:func:`choose_patterns`; default
+    each relation's first usable pattern)."""
     from . import fetch
 
     unknown = set(sources) - set(SOURCES)
@@ -126,7 +203,8 @@ def load_pool(sources=SOURCES, extra=None) -> list[Fact]:
             parts.append(load_polyglot(fetch.path(
                 "polyglot", "polyglot_fact_completion_en/en-fact-completion-3-21-23.parquet")))
         elif src == "pararel":
-            parts.append(load_pararel(fetch.path("pararel", "pararel")))
+            parts.append(load_pararel(fetch.path("pararel", "pararel"),
+                                      templates=pararel_templates))
         elif src == "lre":
             parts.append(_renamed(load_lre(fetch.path("lre", "lre_relations/factual")), src))
     seen: set[tuple[str, str]] = set()
@@ -162,10 +240,11 @@ def widen(lm, facts, chosen, objects, min_facts: int = 3, per_relation: int | No
     for each of ``objects`` with fewer than ``min_facts`` recalled facts in ``chosen``, its
     other facts in ``facts``, up to ``per_relation`` per (object, relation) in all (seeded).
 
-    A small model recalls few facts of an object such as 'actor' (3 in 100 of the pool's
-    candidates for SmolLM2), so the first pass's 30 per relation often leave it without an
-    anchor while hundreds more are in the pool. Only objects short of an anchor pay for more
-    recall checks; an object with enough recalled facts keeps exactly its first-pass sample.
+    A small model recalls few facts of an object such as 'actor' (SmolLM2: a few in a
+    hundred of the pool's candidates, ``docs/results.md#reference-fact-pool``), so the first
+    pass's 30 per relation often leave it without an anchor while hundreds more are in the
+    pool. Only objects short of an anchor pay for more recall checks; an object with enough
+    recalled facts keeps exactly its first-pass sample.
     ``per_relation=0`` turns the pass off. Raises ``EditedModelError`` under an edit.
     """
     from .anchors import recalled

@@ -128,8 +128,9 @@ def build_references(lm, requests, *, seeds=(0,), bank_size: int | None = None,
     bank = reference_bank(lm, facts=pool, limit=bank_size, seed=bank_seed)
     ref_texts = {}
     if texts:
-        from .metrics import reference_text
+        from .metrics import corpus_idf, reference_text
 
+        corpus_idf()  # consistency's IDF (fitted on WikiText): missing data fails here, early
         ref_texts = {obj: reference_text(lm, obj, facts=pool) for obj in new}
     settings = dict(seeds=list(seeds), bank_size=bank_size, bank_seed=bank_seed, texts=texts,
                     n_control=n_control, anchor_kw=kw, per_relation=per_relation,

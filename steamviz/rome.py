@@ -30,6 +30,7 @@ SmolLM2's tokenizer adds no BOS: steamviz puts the model's start token before ev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -70,7 +71,8 @@ class ROMEHparams:
     mom2_ridge: float = 0.0
     seed: int = 0
     # dtype of the matrix products above the edited layer during the v* optimisation
-    # (None: the model's). "bfloat16" is ~1.4x faster on CPUs with AMX-BF16; see README.
+    # (None: the model's). "bfloat16" is faster on CPUs with AMX-BF16, at a small cost in
+    # precision (measured: docs/results.md#rome).
     v_matmul_dtype: str | None = None
 
     def __post_init__(self) -> None:
@@ -329,7 +331,7 @@ def _prefix_cache(lm, ids: list[list[int]], cut: list[int], layer: int):
 
 
 _PREP_CACHE: dict[tuple, Prepared] = {}
-_V_CACHE: dict[tuple, "VResult"] = {}  # plain ROME's v* per (model, request, hparams)
+_V_CACHE: dict[tuple, "VResult"] = {}  # v* per (model, request, hparams, objective)
 
 
 def _check_window(lm, rows: list[list[int]]) -> None:
@@ -455,7 +457,8 @@ def clear_caches() -> None:
 
 
 def compute_v(lm, prep: Prepared, hp: ROMEHparams | None = None, align: Align | None = None,
-              early_stop_on: str = "rome", lean: bool | None = None) -> VResult:
+              early_stop_on: str = "rome", lean: bool | None = None,
+              norm_ref: torch.Tensor | None = None) -> VResult:
     """Optimise the delta at the edited projection's output (v* = v_init + delta).
 
     ``align``: an extra loss on residual streams at the predicting position of the rewrite
@@ -470,37 +473,93 @@ def compute_v(lm, prep: Prepared, hp: ROMEHparams | None = None, align: Align | 
     (Llama-family models without hooks on the blocks; the same arithmetic with less
     overhead) -- ``None`` uses it where it applies, ``False`` always uses the model's
     modules, ``True`` raises where it does not apply.
+
+    ``norm_ref``: the vector whose norm the clamp (``clamp_norm_factor * |norm_ref|``) and
+    the weight decay (``v_weight_decay * |delta| / |norm_ref|^2``) are relative to.
+    ``None`` (ROME): ``prep.v_init``, the edited projection's output. MEMIT passes the
+    residual stream leaving block ``layer`` at the subject's last token of the bare prompt
+    (its ``target_init``); the delta itself is added at the same place either way (adding
+    it to block ``layer``'s MLP output or to the block's output is the same for every
+    later block).
+
+    Several objectives of one request at once (a lambda sweep, anchor seeds, ROME beside
+    STEAM): :func:`compute_vs`.
+    """
+    return compute_vs(lm, prep, hp, [align], early_stop_on, lean, norm_ref)[0]
+
+
+def _tile(x, g: int):
+    """``x`` repeated ``g`` times along its first dimension (tuples and None kept)."""
+    if g == 1 or x is None:
+        return x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_tile(t, g) for t in x)
+    return x.repeat(g, *([1] * (x.dim() - 1)))
+
+
+def compute_vs(lm, prep: Prepared, hp: ROMEHparams | None = None, aligns=(None,),
+               early_stop_on: str = "rome", lean: bool | None = None,
+               norm_ref: torch.Tensor | None = None) -> list[VResult]:
+    """:func:`compute_v` for several objectives of one request in one optimisation: one
+    delta per entry of ``aligns`` (``None``: plain ROME), each on its own copy of the rows,
+    in shared forward and backward passes. The groups do not interact: each has its own
+    loss, early stop, norm clamp and Adam state (Adam is elementwise), so each result
+    equals :func:`compute_v` with that ``align`` up to float rounding (larger matrix
+    products sum in another order). A group that stops early keeps its delta while the
+    others go on. ``seconds`` of each result is the shared time divided by the groups.
     """
     hp = hp or prep.hp
     if early_stop_on not in ("total", "rome"):
         raise ValueError(f"early_stop_on must be 'total' or 'rome', got {early_stop_on!r}")
+    aligns = list(aligns)
+    if not aligns:
+        raise ValueError("compute_vs needs at least one objective (None: plain ROME)")
     t0 = time.perf_counter()
     model = lm.model
     dev = lm.device
     L = prep.hp.layer
+    G = len(aligns)
     blocks = get_module(model, lm.adapter.layers)
     mod = mlp_out_module(model, L)
-    delta = torch.zeros_like(prep.v_init, requires_grad=True)
+    delta = torch.zeros((G, *prep.v_init.shape), dtype=prep.v_init.dtype, device=dev,
+                        requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     n_rw = prep.n_rewrite
-    rows_all = prep.h_suffix.shape[0]
-    onehot = torch.zeros(prep.h_suffix.shape[:2], device=dev)
+    R = prep.h_suffix.shape[0]  # rows of one group
+    n_kl = R - n_rw
+    onehot = torch.zeros((G * R, prep.h_suffix.shape[1]), device=dev)
     onehot[:, 0] = 1.0  # the suffix starts at the subject's last token
     onehot = onehot[..., None]
-    target_norm = prep.v_init.norm()
+    if norm_ref is None:
+        target_norm = prep.v_init.norm()
+    else:
+        if tuple(norm_ref.shape) != tuple(prep.v_init.shape):
+            raise ValueError(f"norm_ref has shape {tuple(norm_ref.shape)}; the delta has "
+                             f"{tuple(prep.v_init.shape)}")
+        target_norm = norm_ref.detach().to(prep.v_init.device, prep.v_init.dtype).norm()
     max_norm = hp.clamp_norm_factor * target_norm
-    use_align = align is not None  # lam = 0 records L_LA without changing the optimisation
-    align_layers = sorted(set(align.layers)) if use_align else []
-    if use_align:
-        bad = [x for x in align_layers if not L + 1 <= x <= lm.n_layers]
-        if bad:
-            raise ValueError(
-                f"alignment layers {bad} are not above the edited block {L}: the delta cannot "
-                f"move them; use layers {L + 1}..{lm.n_layers}"
-            )
+    # lam = 0 records L_LA without changing the optimisation
+    align_layers = sorted({x for a in aligns if a is not None for x in a.layers})
+    bad = [x for x in align_layers if not L + 1 <= x <= lm.n_layers]
+    if bad:
+        raise ValueError(
+            f"alignment layers {bad} are not above the edited block {L}: the delta cannot "
+            f"move them; use layers {L + 1}..{lm.n_layers}"
+        )
     streams: dict[int, torch.Tensor] = {}
-    rw_rows = torch.arange(n_rw, device=dev)
-    kl_rows = torch.arange(n_rw, rows_all, device=dev)
+    offs = torch.arange(G, device=dev) * R  # first row of each group
+    rw_rows = (offs[:, None] + torch.arange(n_rw, device=dev)).reshape(-1)
+    pred_pos = prep.pred_pos.repeat(G)
+    kl_rows = (offs[:, None] + torch.arange(n_rw, R, device=dev)).reshape(-1)
+    kl_pos = prep.kl_pos.repeat(G)
+    tgt_rows = (offs[:, None] + prep.tgt_rows[None]).reshape(-1)
+    tgt_pos, tgt_ids = prep.tgt_pos.repeat(G), prep.tgt_ids.repeat(G)
+    n_tgt = prep.tgt_rows.shape[0]
+    mask4d = _tile(prep.mask4d, G)
+    prefix_kv = [_tile(kv, G) for kv in prep.prefix_kv]
+
+    def row_delta():
+        return (onehot * delta.repeat_interleave(R, dim=0)[:, None, :])
 
     why = lean_unsupported(model, L) if lean is not False else "turned off"
     if lean and why:
@@ -515,71 +574,95 @@ def compute_v(lm, prep: Prepared, hp: ROMEHparams | None = None, align: Align | 
         cos, sin = stack.rope(prep.h_suffix, prep.pos_suffix)
         with torch.no_grad():  # block L's output does not depend on the delta
             h_after = stack.block(0, prep.h_suffix, cos, sin, prep.prefix_kv[L], prep.mask4d)
+        h_after, cos, sin = _tile(h_after, G), _tile(cos, G), _tile(sin, G)
         wanted = set(align_layers)
 
         def tap(layer, h):
             if layer in wanted:
-                streams[layer] = h[rw_rows, prep.pred_pos]
+                streams[layer] = h[rw_rows, pred_pos]
 
         def forward():
-            h = h_after + (onehot * delta).to(h_after.dtype)
+            h = h_after + row_delta().to(h_after.dtype)
             tap(L + 1, h)
-            return stack.run(h, cos, sin, prep.prefix_kv, prep.mask4d, first=1, tap=tap)
+            return stack.run(h, cos, sin, prefix_kv, mask4d, first=1, tap=tap)
     else:
+        tiled = dataclasses.replace(prep, h_suffix=_tile(prep.h_suffix, G),
+                                    pos_suffix=_tile(prep.pos_suffix, G), mask4d=mask4d,
+                                    prefix_kv=prefix_kv)
+
         def add_delta(m, args, out):
-            return out + (onehot * delta).to(out.dtype)
+            return out + row_delta().to(out.dtype)
 
         handles.append(mod.register_forward_hook(add_delta))
         for layer in align_layers:
             handles.append(
                 blocks[layer - 1].register_forward_hook(
                     lambda m, a, o, layer=layer: streams.__setitem__(
-                        layer, (o[0] if isinstance(o, tuple) else o)[rw_rows, prep.pred_pos]
+                        layer, (o[0] if isinstance(o, tuple) else o)[rw_rows, pred_pos]
                     )
                 )
             )
 
         def forward():
-            return _run_suffix(lm, prep)
-    losses = []
-    steps = 0
+            return _run_suffix(lm, tiled)
+    losses: list[list[dict]] = [[] for _ in range(G)]
+    steps = [0] * G
+    active = list(range(G))
+    frozen = torch.zeros(G, dtype=torch.bool, device=dev)
+    kept = torch.zeros_like(delta)  # the final delta of each stopped group
     with hooks(handles):
         for it in range(hp.v_num_grad_steps):
             opt.zero_grad()
             h = forward()
-            logits = lm_head_logits(model, h[prep.tgt_rows, prep.tgt_pos]).float()
-            lp = logits.log_softmax(-1).gather(1, prep.tgt_ids[:, None])[:, 0]
-            nll = -(lp * prep.tgt_weight).sum() / n_rw
-            kl_logits = lm_head_logits(model, h[kl_rows, prep.kl_pos]).float()
+            logits = lm_head_logits(model, h[tgt_rows, tgt_pos]).float()
+            lp = logits.log_softmax(-1).gather(1, tgt_ids[:, None])[:, 0].view(G, n_tgt)
+            nll = -(lp * prep.tgt_weight).sum(1) / n_rw  # [G]
+            kl_logits = lm_head_logits(model, h[kl_rows, kl_pos]).float()
             # ROME's essence term, argument order as ROME/EasyEdit: KL(P_edited || P_init)
             kl = hp.kl_factor * torch.nn.functional.kl_div(
-                prep.kl_logp_init, kl_logits.log_softmax(-1), log_target=True,
-                reduction="batchmean",
-            )
-            wd = hp.v_weight_decay * (delta.norm() / target_norm**2)
+                _tile(prep.kl_logp_init, G), kl_logits.log_softmax(-1), log_target=True,
+                reduction="none",
+            ).view(G, n_kl, -1).sum((1, 2)) / n_kl  # [G] ("batchmean" per group)
+            wd = hp.v_weight_decay * (delta.norm(dim=-1) / target_norm**2)  # [G]
             loss = nll + kl + wd
-            rec = dict(step=it, nll=nll.item(), kl=kl.item(), decay=wd.item())
-            total = loss
-            if use_align:
-                la = align.loss(streams)
-                rec["align"] = la.item()
-                if align.lam != 0:
-                    total = loss + align.lam * la
-            rec["loss"] = total.item()
-            rec["p_target"] = float(torch.exp(-nll.detach()))
-            losses.append(rec)
-            stop_val = total if early_stop_on == "total" else loss
-            if stop_val.item() < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+            total_all = []
+            go = []
+            for g in active:
+                a = aligns[g]
+                rec = dict(step=it, nll=nll[g].item(), kl=kl[g].item(), decay=wd[g].item())
+                total = loss[g]
+                if a is not None:
+                    la = a.loss({x: streams[x][g * n_rw:(g + 1) * n_rw] for x in a.layers})
+                    rec["align"] = la.item()
+                    if a.lam != 0:
+                        total = total + a.lam * la
+                rec["loss"] = total.item()
+                rec["p_target"] = float(torch.exp(-nll[g].detach()))
+                losses[g].append(rec)
+                stop_val = total if early_stop_on == "total" else loss[g]
+                if stop_val.item() < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+                    with torch.no_grad():
+                        kept[g] = delta[g]
+                    frozen[g] = True
+                else:
+                    go.append(g)
+                    total_all.append(total)
+            active = go
+            if not active:
                 break
-            total.backward()
+            torch.stack(total_all).sum().backward()
             opt.step()
-            steps += 1
             with torch.no_grad():
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
+                for g in active:
+                    steps[g] += 1
+                    n = delta[g].norm()
+                    if n > max_norm:
+                        delta[g].mul_(max_norm / n)
+                delta[frozen] = kept[frozen]  # Adam's momentum must not move a stopped group
     delta = delta.detach()
-    return VResult(delta=delta, target=prep.v_init + delta, losses=losses, steps=steps,
-                   seconds=time.perf_counter() - t0)
+    secs = (time.perf_counter() - t0) / G
+    return [VResult(delta=delta[g].clone(), target=prep.v_init + delta[g], losses=losses[g],
+                    steps=steps[g], seconds=secs) for g in range(G)]
 
 
 def _reference_positions(lm, prep: Prepared, hp: ROMEHparams):
@@ -658,6 +741,96 @@ def update_matrix(prep: Prepared, v: VResult) -> torch.Tensor:
     return torch.outer(right, prep.u)
 
 
+def _v_key(lm, prep: Prepared, hp: ROMEHparams, align, early_stop_on: str):
+    """The cache key of a target vector (None: not cacheable -- an objective without a
+    ``key()``). v* depends only on the unedited model, the request, ``hp`` and the
+    objective."""
+    akey = None
+    if align is not None:
+        k = getattr(align, "key", None)
+        if k is None:
+            return None
+        akey = k()
+    return (lm.fingerprint, id(lm.model), repr(prep.request.to_rome()), repr(hp), early_stop_on,
+            akey)
+
+
+class Collected(Exception):
+    """Raised by :func:`target_vector` inside :func:`collect`: the objective was recorded,
+    nothing was computed or written."""
+
+
+_COLLECT: list | None = None
+
+
+@contextlib.contextmanager
+def collect():
+    """Record the target vectors that edits *would* optimise, without computing them, to
+    optimise them together with :func:`compute_collected`. Inside the block, every ROME and
+    STEAM-ROME edit stops with :class:`Collected` before it writes anything::
+
+        with rome.collect() as wanted:
+            for lam in (5.0, 20.0, 50.0):
+                try:
+                    steam.apply(lm, req, lam=lam, anchor=a)
+                except rome.Collected:
+                    pass
+        rome.compute_collected(wanted)     # one optimisation; later edits reuse the results
+    """
+    global _COLLECT
+    prev, _COLLECT = _COLLECT, []
+    try:
+        yield _COLLECT
+    finally:
+        _COLLECT = prev
+
+
+def compute_collected(wanted: list) -> int:
+    """Optimise the recorded target vectors, one :func:`compute_vs` per request and
+    hyperparameters, into the cache that ROME and STEAM-ROME edits read. Returns how many
+    were computed."""
+    groups: dict = {}
+    for lm, prep, hp, align, early, key in wanted:
+        if key in _V_CACHE:
+            continue
+        g = groups.setdefault((id(prep), repr(hp), early), (lm, prep, hp, early, {}))
+        g[4].setdefault(key, align)
+    n = 0
+    for lm, prep, hp, early, objs in groups.values():
+        for key, v in zip(objs, compute_vs(lm, prep, hp, list(objs.values()), early)):
+            _V_CACHE[key] = v
+            n += 1
+    while len(_V_CACHE) > _V_CACHE_MAX:
+        _V_CACHE.pop(next(iter(_V_CACHE)))
+    return n
+
+
+_V_CACHE_MAX = 4096
+
+
+def target_vector(lm, prep: Prepared, hp: ROMEHparams, align=None, early_stop_on: str = "rome"
+                  ) -> tuple[VResult, bool]:
+    """v* for ``prep`` under ``hp`` and the objective ``align``, and whether it came from the
+    cache. On the unedited model results are kept (by request, hparams and objective), so a
+    sweep that measures one edit against several anchor seeds, or computed its objectives
+    together (:func:`collect`), optimises each once."""
+    clean = not active_edits(lm.model)
+    key = _v_key(lm, prep, hp, align, early_stop_on) if clean else None
+    if _COLLECT is not None:
+        if key is not None:
+            _COLLECT.append((lm, prep, hp, align, early_stop_on, key))
+        raise Collected()
+    v = _V_CACHE.get(key) if key is not None else None
+    if v is not None:
+        return v, True
+    v = compute_v(lm, prep, hp, align=align, early_stop_on=early_stop_on)
+    if key is not None:
+        _V_CACHE[key] = v
+        while len(_V_CACHE) > _V_CACHE_MAX:
+            _V_CACHE.pop(next(iter(_V_CACHE)))
+    return v, False
+
+
 def apply(
     lm,
     request: EditRequest | dict,
@@ -675,18 +848,7 @@ def apply(
         request = EditRequest.from_dict(request)
     hp = hparams or ROMEHparams.for_model(lm)
     prep = prepare(lm, request, hp)
-    # plain ROME's v* depends only on the unedited model, the request and hp: kept for reuse
-    # (a sweep measures the same ROME edit against several anchor seeds)
-    key = (lm.fingerprint, id(lm.model), repr(request.to_rome()), repr(hp), early_stop_on)
-    clean = align is None and not active_edits(lm.model)
-    v = _V_CACHE.get(key) if clean else None
-    reused = v is not None
-    if v is None:
-        v = compute_v(lm, prep, hp, align=align, early_stop_on=early_stop_on)
-        if clean:
-            _V_CACHE[key] = v
-            while len(_V_CACHE) > 64:
-                _V_CACHE.pop(next(iter(_V_CACHE)))
+    v, reused = target_vector(lm, prep, hp, align, early_stop_on)
     return write_update(lm, prep, v, method=method,
                         extra={"align": _align_info(align), "v_reused": reused})
 

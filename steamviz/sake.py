@@ -15,12 +15,23 @@ fact, and removed by :meth:`~steamviz.edits.Edit.restore`.
 
 How it works:
 
-1. **The fact as a distribution** (:func:`fact_prompts`): the rewrite prompt and its
-   paraphrases (the request's and, when ``relation_id`` names a relation of the project's
-   ``relations.json``, that relation's paraphrase templates), each bare and under context
-   prefixes (model-written ones from :mod:`steamviz.context` plus a few fixed sentences),
-   plus prompts that state the old object first (``"... Canada? No, that is outdated.
-   ..."``): 68 prompts for a default request.
+0. **Held out** (:func:`fit_prompts`, the one place the fit's prompts come from; issue
+   18.1): the fit never reads a prompt evaluation reads (:func:`evaluation_prompts`: the
+   request's paraphrase, neighborhood, portability and generation prompts), neither the same
+   text nor the same question behind another preamble (:class:`HeldOut`; normalised text).
+   The rewrite prompt is the request and is used. So the paraphrase score is out-of-sample.
+1. **The fact as a distribution** (:func:`fact_prompts`): the rewrite prompt and, when
+   ``relation_id`` names a relation of the project's ``relations.json``, that relation's
+   paraphrase templates filled with the subject (those that are not evaluation prompts: on
+   the default edit set most paraphrase prompts *are* such templates, which are then left
+   out; counts in ``docs/results.md#sake``), each bare and under context prefixes
+   (model-written ones from :mod:`steamviz.context` plus a few fixed sentences), plus
+   prompts that state the old object first (``"... Canada? No, that is outdated. ..."``):
+   a few dozen prompts per request. The subject is located from the templates' ``{}``
+   slots (in an old-object prompt, the question's), never by searching its text, so a
+   context prefix that names the subject does not move the subject gate's reference; only
+   the request's own paraphrases (no template; fitted on only with ``use_paraphrases``)
+   are searched.
 2. **Source activations** ``H_s [n, d]``: the final hidden state (lm_head input) at the
    last token of each fact prompt.
 3. **Target activations** ``H_t [n, d]`` (:func:`target_states`): each source state steered
@@ -29,9 +40,9 @@ How it works:
    where that probability reaches ``target_prob``. Only the lm_head is involved (cheap and
    exact), every target state predicts the new object, and the move is the shortest along
    the gradient, so what is not about the object is kept. Rejected alternative: states of
-   the prompts with the new fact stated in context first; measured on SmolLM2-135M,
-   ``"{prompt} Japan. {prompt}"`` gives P(Japan) 0.00-0.19 (0.00-0.69 with "Imagine that"),
-   so those states do not predict the new object.
+   the prompts with the new fact stated in context first (``"{prompt} Japan. {prompt}"``,
+   also after "Imagine that"): on SmolLM2-135M those states mostly do not predict the new
+   object (``docs/results.md#sake``).
 4. **Map** (:func:`fit_map`, :func:`ot_map`): Gaussians ``N(mu_s, S_s)``, ``N(mu_t, S_t)``
    fitted to ``H_s``, ``H_t`` and the closed-form optimal-transport (Monge) map between
    them, ``A = S_s^-1/2 (S_s^1/2 S_t S_s^1/2)^1/2 S_s^-1/2``, ``b = mu_t - A mu_s`` (matrix
@@ -39,11 +50,10 @@ How it works:
    covariances are rank-deficient: ``ridge * (tr S_s + tr S_t) / 2d`` is added to both
    diagonals (``ridge`` is relative to the mean variance per dimension). Large ``ridge``
    turns the map into the translation ``mu_t - mu_s`` (difference-of-means steering); small
-   ``ridge`` follows the sample covariances and overfits them: measured on held-out
-   paraphrases of the 5 first default requests (``target_prob`` 0.97), mean P(new) 0.84
-   at ridge 0.3, 0.96 at 3, 0.97 at 10 (the default; eigenvalues of ``A`` within [0.65, 2.3]
-   in the worst case seen), 0.98 for a pure translation; the smallest 0.02 / 0.85 / 0.93 /
-   0.92.
+   ``ridge`` follows the sample covariances and overfits them (held-out paraphrases lose
+   the new object). The default, 10, does about as well on held-out paraphrases as a pure
+   translation, with the eigenvalues of ``A`` kept moderate (the ridge sweep:
+   ``docs/results.md#sake``).
 5. **Scope** (:class:`Scope`), decided per token position; two gates must both pass:
 
    - *subject gate*: some position so far in the sequence has a hidden state at
@@ -54,21 +64,21 @@ How it works:
      depth) is close to the fact prompts' last-token states (centred cosine, max over
      them): the position asks this question and the model is about to answer it.
 
-   Why two gates: measured on SmolLM2, a last-token state alone does not tell "The city
-   of Toronto is located in the country of" from the same question about Montreal
-   (centred cosines 0.77-0.93 at layers 12-20, while the fact's own prompts under context
-   prefixes go down to 0.7 among themselves); the subject's identity is plain at its own
-   tokens (standardised cosine at layer 4: the fact's prompts >= 0.98, other subjects
-   <= 0.61, the neighborhood prompts' cities <= 0.69). Late layers separate the question
-   best from other questions about the subject ("... in the state of" is the closest).
+   Why two gates: on SmolLM2, a last-token state alone does not tell "The city of
+   Toronto is located in the country of" from the same question about Montreal (the two
+   are as close as the fact's own prompts under different context prefixes are to each
+   other), while the subject's identity is plain at its own tokens in an early layer
+   (the cosines: ``docs/results.md#sake``). Late layers separate the question best from
+   other questions about the subject ("... in the state of" is the closest).
    Thresholds are calibrated at edit time against negatives that never include the
    request's evaluation prompts (:func:`negative_prompts`): the fact prompts with other
    subjects (subject gate) and other relations' prompts about other subjects and about the
    subject (query gate), from the project's reference facts, leaving out every subject
-   named in the request's neighborhood prompts. The subject cut lies halfway between the
-   fact prompts (leave-one-out) and the negatives; the query cut just above the highest
-   negative, since a few phrasings under context prefixes overrate how close a new
-   phrasing gets (``info["scope"]`` has the scores). Both can be set by hand.
+   named in an evaluation prompt and every evaluation prompt (e.g. a portability prompt
+   that is another relation's template filled with the subject). The subject cut lies
+   halfway between the fact prompts (leave-one-out) and the negatives; the query cut just
+   above the highest negative, since a few phrasings under context prefixes overrate how
+   close a new phrasing gets (``info["scope"]`` has the scores). Both can be set by hand.
 6. **Hooks** (:class:`SAKEEdit`): a pre-hook on the decoder stack resets per-forward state,
    hooks on the two blocks compute the gates, and a hook on the stack's output applies
    ``A h + b`` at the positions in scope (everything else is untouched, bit for bit).
@@ -81,24 +91,26 @@ How it works:
 
 Only the position that asks for the object is mapped, so a multi-token target gets help on
 its first token; later tokens come from the unedited model given that token (Toronto ->
-"New Zealand": first-token P 0.001 -> 0.96, whole answer 0.001 -> 0.76). Portability
-prompts (facts implied by the edit) are out of scope by design, as are other prompt formats
-than the fact's (``"Q: In which country is Toronto? A:"``): SAKE would need their own
-target distributions (the paper writes them with an LLM).
+"New Zealand": the first token becomes likely, the whole answer less so;
+``docs/results.md#sake``). Portability prompts (facts implied by the edit) are out of scope
+by design, as are other prompt formats than the fact's (``"Q: In which country is
+Toronto? A:"``): SAKE would need their own target distributions (the paper writes them
+with an LLM).
 
-Measured (SmolLM2-135M, ``load_named("default", 5)``, defaults, ``evaluate(...,
-generation=False)`` before -> during): efficacy 0.0 -> 1.0, paraphrase 0.2 -> 1.0,
-neighborhood 1.0 -> 1.0 (every neighborhood prompt bitwise unchanged), mean P(new) 0.001 ->
-0.93, P(old) 0.92 -> 0.01; 10-20 s per edit on a shared 2-core CPU. With the request's
-paraphrases and the relation's templates left out of the fit (``use_paraphrases=False,
-relation_paraphrases=False``, 17 prompts): efficacy 1.0, paraphrase 0.2 -> 0.6 (unseen
-phrasings of 2 requests fall outside the query gate), neighborhood 1.0.
+Scores on the default edit set (efficacy, held-out paraphrase, neighborhood, P(new) and
+P(old)) and the commands that made them: ``docs/results.md#sake``. A paraphrase phrased
+unlike every fit prompt can fall outside the query gate; prompts outside the scope, such as
+the neighborhood prompts, are left bitwise unchanged. Before issue 18.1 the fit read the
+evaluation paraphrases (the request's own and the relation templates that coincide with
+them), so its paraphrase score was in-sample (``use_paraphrases=True`` reads the request's
+paraphrases again).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import time
 import weakref
 from dataclasses import dataclass
@@ -111,7 +123,7 @@ from .capture import _first_tensor, _Stop, hooks
 from .edits import Edit
 from .forward import space
 from .requests import EditRequest
-from .tokens import encode, subject_span, token_ids
+from .tokens import encode, fill, subject_span, token_ids
 
 # fixed context sentences (``{}`` = the prompt), added to the model-written ones
 PREFIXES = (
@@ -147,8 +159,12 @@ class SAKEHparams:
     context_template_length_params: tuple = ((5, 5), (10, 5))  # model-written prefixes
     prefixes: tuple = PREFIXES
     old_object_templates: tuple = OLD_OBJECT_TEMPLATES
-    use_paraphrases: bool = True  # the request's paraphrase prompts join the fit
-    relation_paraphrases: bool = True  # and its relation's paraphrase templates
+    # True: the request's paraphrase prompts join the fit, so the paraphrase score is
+    # in-sample (how steamviz fitted SAKE before issue 18.1); keep False to report it
+    use_paraphrases: bool = False
+    # the relation's paraphrase templates (relations.json) filled with the subject join the
+    # fit, except those evaluation reads (a paraphrase, neighborhood, portability prompt...)
+    relation_paraphrases: bool = True
     target_prob: float = 0.95  # target states: P(first token of target_new) reached
     target_iters: int = 8  # line searches at most per target state
     ridge: float = 10.0  # relative ridge on both covariances (x mean variance)
@@ -166,6 +182,9 @@ class SAKEHparams:
             tuple(int(v) for v in x) for x in self.context_template_length_params)
         self.prefixes = tuple(self.prefixes)
         self.old_object_templates = tuple(self.old_object_templates)
+        for p in self.prefixes:
+            if p.count("{}") != 1:
+                raise ValueError(f"prefix {p!r} must hold exactly one '{{}}' for the prompt")
         if not 0 < self.target_prob < 1:
             raise ValueError(f"target_prob must be in (0, 1), got {self.target_prob}")
         if self.ridge < 0:
@@ -195,10 +214,111 @@ class SAKEHparams:
 
 
 # ------------------------------------------------------------------------------------------
-# prompts
+# prompts: what the fit reads, and the evaluation prompts it must never read
 # ------------------------------------------------------------------------------------------
 def _dedup(xs) -> list:
     return list(dict.fromkeys(xs))
+
+
+def normalise(text: str) -> str:
+    """How prompts are compared: stripped, whitespace collapsed, case-folded."""
+    return " ".join(text.split()).casefold()
+
+
+def _ends_with(a: str, b: str) -> bool:
+    """``a`` ends with ``b`` at a word boundary (both normalised)."""
+    return a.endswith(b) and (len(a) == len(b) or not a[-len(b) - 1].isalnum())
+
+
+def evaluation_prompts(request: EditRequest, exclude: Sequence[str] = ()) -> list[str]:
+    """Every prompt :func:`steamviz.metrics.evaluate` reads for ``request`` but its rewrite
+    prompt: paraphrase, neighborhood and portability prompts, generation prompts (rewrite and
+    paraphrases; the request's own ``generation_prompts`` when it has them), plus ``exclude``
+    (e.g. the evaluation prompts of other requests evaluated with this edit in place).
+
+    The rewrite prompt is the edit itself (efficacy reads it, SAKE fits on it); an evaluation
+    prompt with the rewrite prompt's text is left out for the same reason."""
+    from .metrics import generation_prompts
+
+    out = (list(request.paraphrase_prompts) + list(request.neighborhood_prompts)
+           + list(request.portability_prompts) + list(generation_prompts(request))
+           + list(getattr(request, "generation_prompts", None) or []) + list(exclude))
+    rewrite = normalise(request.rewrite_prompt)
+    return _dedup(p for p in out if normalise(p) != rewrite)
+
+
+class HeldOut:
+    """The evaluation prompts SAKE's fit must not read (:func:`evaluation_prompts`).
+
+    A fit prompt reads an evaluation prompt when, normalised (:func:`normalise`), its text
+    equals it, or its *question* (the bare prompt it ends with, before a context prefix was
+    put in front) equals it or one of the two ends with the other at a word boundary: the
+    same question behind another preamble (SAKE puts context prefixes in front of its
+    prompts; CounterFact's paraphrases have a preamble sentence). A question that is the
+    rewrite prompt is the request itself and always allowed (even when an evaluation prompt
+    is its tail, as ``"Toronto is located in the country of"`` is of ``"The city of Toronto
+    is located in the country of"``). ``keep``: evaluation prompts the fit may read anyway
+    (``use_paraphrases``).
+    """
+
+    def __init__(self, request: EditRequest, exclude: Sequence[str] = (),
+                 keep: Sequence[str] = ()):
+        self.rewrite = normalise(request.rewrite_prompt)
+        self._keep = {normalise(k) for k in keep}
+        self.prompts = [p for p in evaluation_prompts(request, exclude)
+                        if normalise(p) not in self._keep]
+        self._norm = [normalise(p) for p in self.prompts]
+        self._set = set(self._norm)
+
+    def reads(self, text: str, question: str | None = None) -> str | None:
+        """The evaluation prompt a fit prompt ``text`` asking ``question`` (default: ``text``
+        itself) reads, or ``None``."""
+        t = normalise(text)
+        if t in self._set:
+            return self.prompts[self._norm.index(t)]
+        q = normalise(text if question is None else question)
+        if q == self.rewrite or q in self._keep:
+            return None
+        for p, e in zip(self.prompts, self._norm):
+            if _ends_with(e, q) or _ends_with(q, e):
+                return p
+        return None
+
+
+@dataclass(frozen=True)
+class FitPrompt:
+    """One prompt SAKE's fit reads.
+
+    ``role``: ``"fact"`` (the fact's distribution: the map's source states and both gates'
+    references), ``"near"`` / ``"other"`` (negatives calibrating the subject / query gate),
+    ``"alone"`` (the subject on its own, extra subject-gate references). ``question``: the
+    bare prompt ``text`` ends with (``text`` without its context prefix); ``group``: a fact
+    prompt's question, as an index into the fact's questions. ``subject_start``: the
+    request subject's character offset in ``text``, from the templates' ``{}`` slots;
+    ``None`` when the prompt is not about the subject or was written without a template
+    (a request's paraphrase prompt: then the subject's text is searched for).
+    """
+
+    text: str
+    role: str
+    question: str
+    subject_start: int | None = None
+    group: int = -1
+
+
+@dataclass
+class FitPrompts:
+    """Every prompt SAKE's fit reads (:func:`fit_prompts`), and what was left out."""
+
+    prompts: list[FitPrompt]
+    held_out: HeldOut
+    dropped: list[tuple[str, str]]  # (a prompt left out, the evaluation prompt it reads)
+
+    def of(self, role: str) -> list[FitPrompt]:
+        return [p for p in self.prompts if p.role == role]
+
+    def texts(self, role: str | None = None) -> list[str]:
+        return [p.text for p in self.prompts if role is None or p.role == role]
 
 
 def _relations() -> dict:
@@ -210,45 +330,110 @@ def _relations() -> dict:
         return {}
 
 
-def _relation_paraphrases(request: EditRequest) -> list[str]:
+def _relation_templates(request: EditRequest) -> list[str]:
     rel = (_relations().get(request.relation_id) or {}) if request.relation_id else {}
-    return [t.replace("{}", request.subject) for t in rel.get("paraphrases", [])]
+    return list(rel.get("paraphrases", []))
 
 
-def base_prompts(request: EditRequest, hp: SAKEHparams) -> list[str]:
-    """The fact's bare prompts: rewrite prompt, then paraphrases."""
-    out = [request.rewrite_prompt]
-    if hp.use_paraphrases:
-        out += list(request.paraphrase_prompts)
-    if hp.relation_paraphrases:
-        out += _relation_paraphrases(request)
-    return _dedup(out)
+def _relation_paraphrases(request: EditRequest) -> list[str]:
+    """The relation's paraphrase templates filled with the subject (unfiltered)."""
+    return [fill(t, request.subject)[0] for t in _relation_templates(request)]
 
 
-def fact_prompts(lm, request: EditRequest, hp: SAKEHparams) -> list[str]:
-    """Every prompt of the fact's distribution (see the module docstring, step 1)."""
-    from .context import context_templates
+# a bare prompt of the fact: (text, template or None, subject offset or None)
+_Base = tuple
 
-    bases = base_prompts(request, hp)
-    prefixes = _dedup(["{}"] + context_templates(lm, hp.context_template_length_params,
-                                                 seed=hp.seed) + list(hp.prefixes))
-    out = [p.replace("{}", b, 1) for b in bases for p in prefixes]
+
+def _bases(request: EditRequest, hp: SAKEHparams, held: HeldOut | None
+           ) -> tuple[list[_Base], list[_Base], list[tuple[str, str]]]:
+    """``(kept, every candidate, dropped)`` bare prompts of the fact: the rewrite prompt,
+    the relation's paraphrase templates filled with the subject, and (``use_paraphrases``)
+    the request's paraphrase prompts; ``held`` leaves out those evaluation reads."""
+    templates = [request.prompt] + (_relation_templates(request) if hp.relation_paraphrases
+                                    else [])
+    cands: list[_Base] = [(text, t, at) for t in templates
+                          for text, at in [fill(t, request.subject)]]
+    if hp.use_paraphrases:  # written without a template: the subject will be searched for
+        cands += [(p, None, None) for p in request.paraphrase_prompts]
+    seen, every = set(), []
+    for b in cands:
+        if b[0] not in seen:
+            seen.add(b[0])
+            every.append(b)
+    kept, dropped = [], []
+    for b in every:
+        hit = held.reads(b[0]) if held is not None else None
+        if hit is None:
+            kept.append(b)
+        else:
+            dropped.append((b[0], hit))
+    return kept, every, dropped
+
+
+def base_prompts(request: EditRequest, hp: SAKEHparams, exclude: Sequence[str] = ()
+                 ) -> list[str]:
+    """The fact's bare prompts the fit uses: the rewrite prompt, then the relation's
+    paraphrase templates filled with the subject (and, with ``use_paraphrases``, the
+    request's paraphrase prompts), leaving out every one that evaluation reads
+    (:class:`HeldOut`)."""
+    return [b[0] for b in _bases(request, hp, _held_out(request, hp, exclude))[0]]
+
+
+def _held_out(request: EditRequest, hp: SAKEHparams, exclude: Sequence[str] = ()) -> HeldOut:
+    return HeldOut(request, exclude,
+                   keep=request.paraphrase_prompts if hp.use_paraphrases else ())
+
+
+_FIELDS = re.compile(r"\{(prompt|old|base)\}")
+
+
+def _fill_fields(template: str, **values: str) -> tuple[str, dict[str, int]]:
+    """``template`` with ``{prompt}``, ``{old}``, ``{base}`` filled in one pass, and the
+    character offset of each field in the result (its last occurrence)."""
+    parts, starts, n, pos = [], {}, 0, 0
+    for m in _FIELDS.finditer(template):
+        parts.append(template[pos : m.start()])
+        n += m.start() - pos
+        v = values[m.group(1)]
+        starts[m.group(1)] = n
+        parts.append(v)
+        n += len(v)
+        pos = m.end()
+    parts.append(template[pos:])
+    return "".join(parts), starts
+
+
+def _fact_items(request: EditRequest, hp: SAKEHparams, prefixes: Sequence[str],
+                bases: list[_Base]) -> list[FitPrompt]:
+    """Each bare prompt under each context prefix, then the old-object prompts; the subject
+    located at the bare prompt's slot (in an old-object prompt: the question's, not the
+    rewrite prompt's before it)."""
+    out = []
+    for g, (b, _, at) in enumerate(bases):
+        for p in prefixes:
+            text, j = fill(p, b)
+            out.append(FitPrompt(text, "fact", b, None if at is None else j + at, g))
     if request.target_true:
+        rewrite, rw_at = fill(request.prompt, request.subject)
         for t in hp.old_object_templates:
-            out += [t.replace("{prompt}", request.rewrite_prompt)
-                    .replace("{old}", request.target_true).replace("{base}", b) for b in bases]
-    return _dedup(out)
+            for g, (b, _, at) in enumerate(bases):
+                text, pos = _fill_fields(t, prompt=rewrite, old=request.target_true, base=b)
+                if "base" in pos:
+                    start = None if at is None else pos["base"] + at
+                else:
+                    start = pos["prompt"] + rw_at if "prompt" in pos else None
+                out.append(FitPrompt(text, "fact", b, start, g))
+    seen, uniq = set(), []
+    for x in out:
+        if x.text not in seen:
+            seen.add(x.text)
+            uniq.append(x)
+    return uniq
 
 
-def negative_prompts(request: EditRequest, hp: SAKEHparams, facts=None) -> dict[str, list[str]]:
-    """Prompts the edit must leave alone, for calibrating the scope; never the request's own
-    evaluation prompts.
-
-    ``near``: the fact's bare prompts with other subjects (a context prefix in front), for
-    the subject gate. ``other``: other relations' prompts, about other subjects and about the
-    subject itself, for the query gate. ``facts``: reference facts
-    (default :func:`steamviz.datasets.load_reference_facts`, a fixed list when missing).
-    """
+def _negative_items(request: EditRequest, hp: SAKEHparams, facts, held: HeldOut,
+                    bases: list[_Base], every: list[_Base]) -> list[FitPrompt]:
+    """The calibration negatives (see :func:`negative_prompts`), unfiltered."""
     rng = random.Random(hp.seed)
     if facts is None:
         try:
@@ -258,35 +443,124 @@ def negative_prompts(request: EditRequest, hp: SAKEHparams, facts=None) -> dict[
         except Exception:
             facts = []
     subj = request.subject
-    held_out = list(request.neighborhood_prompts) + list(request.paraphrase_prompts)
 
     def foreign(s: str) -> bool:  # another subject, not named in the evaluation prompts
         return (s != subj and subj not in s and s not in subj
-                and not any(s in q for q in held_out))
+                and not any(s in q for q in held.prompts))
 
-    bases = [b for b in base_prompts(request, hp) if subj in b]
-    fact_set = set(base_prompts(request, hp))
+    own = {b[0] for b in every}  # the fact's own phrasings, kept or not
     same_rel = sorted({f.subject for f in facts
                        if f.relation == request.relation_id and foreign(f.subject)})
     anyone = sorted({f.subject for f in facts if foreign(f.subject)}) or list(FALLBACK_SUBJECTS)
     pool = same_rel if len(same_rel) >= hp.n_negative_subjects else anyone
     others = rng.sample(pool, min(hp.n_negative_subjects, len(pool)))
     prefixes = ["{}"] + list(hp.prefixes)
-    near = [rng.choice(prefixes).replace("{}", b.replace(subj, s)) for s in others for b in bases]
-    # other relations: not a template of this fact; asked about the subject only when their
+    near = []
+    for s in others:
+        for b, tpl, _ in bases:
+            if tpl is not None:
+                q = fill(tpl, s)[0]
+            elif subj in b:  # a prompt written without a template: its subject replaced
+                q = b.replace(subj, s)
+            else:
+                continue
+            near.append(FitPrompt(fill(rng.choice(prefixes), q)[0], "near", q))
+    # other relations: not a phrasing of this fact; asked about the subject only when their
     # object is of another type (``"The famous {} is located in the country of"`` asks a
     # city's country too)
     off = [f for f in facts if f.relation != request.relation_id
-           and f.template.replace("{}", subj) not in fact_set]
+           and fill(f.template, subj)[0] not in own]
     rels = _relations()
     otype = (rels.get(request.relation_id) or {}).get("object_type")
     off = [f for f in off
            if otype is None or (rels.get(f.relation) or {}).get("object_type") != otype]
-    about = _dedup(f.template.replace("{}", subj) for f in off)
+    about = {}
+    for f in off:
+        text, at = fill(f.template, subj)
+        about.setdefault(text, FitPrompt(text, "other", text, at))
     generic = [f.prompt for f in off if foreign(f.subject)]
     generic = rng.sample(generic, min(hp.n_generic, len(generic))) if generic else list(
         FALLBACK_PROMPTS)
-    return dict(near=_dedup(near), other=_dedup(about + generic))
+    other = list(about.values()) + [FitPrompt(p, "other", p) for p in _dedup(generic)]
+    return near + other
+
+
+def _filter(items: list[FitPrompt], held: HeldOut
+            ) -> tuple[list[FitPrompt], list[tuple[str, str]]]:
+    kept, dropped, seen = [], [], set()
+    for x in items:
+        if (x.role, x.text) in seen:
+            continue
+        seen.add((x.role, x.text))
+        hit = held.reads(x.text, x.question)
+        if hit is None:
+            kept.append(x)
+        else:
+            dropped.append((x.text, hit))
+    return kept, dropped
+
+
+def fit_prompts(lm, request: EditRequest, hp: SAKEHparams, facts=None,
+                negatives: dict[str, list[str]] | None = None,
+                exclude: Sequence[str] = ()) -> FitPrompts:
+    """Every prompt SAKE's fit reads for ``request`` -- what :func:`apply` uses, and the
+    only place its prompts come from: the fact prompts (:func:`fact_prompts`), the
+    calibration negatives (:func:`negative_prompts`, or ``negatives``) and the subject alone.
+
+    None of them is a prompt evaluation reads (:class:`HeldOut`: the request's paraphrase,
+    neighborhood, portability and generation prompts, and ``exclude``), neither the same
+    text nor the same question under another preamble; they are left out and listed in
+    ``dropped``. The rewrite prompt is the request and is always used. With
+    ``use_paraphrases`` the request's paraphrase prompts are fitted on too (the paraphrase
+    score is then in-sample).
+    """
+    from .context import context_templates
+
+    held = _held_out(request, hp, exclude)
+    bases, every, dropped = _bases(request, hp, held)
+    prefixes = _dedup(["{}"] + context_templates(lm, hp.context_template_length_params,
+                                                 seed=hp.seed) + list(hp.prefixes))
+    items = _fact_items(request, hp, prefixes, bases)
+    if negatives is None:
+        items += _negative_items(request, hp, facts, held, bases, every)
+    else:
+        items += [FitPrompt(p, "near", p) for p in negatives.get("near", [])]
+        items += [FitPrompt(p, "other", p) for p in negatives.get("other", [])]
+    subj = request.subject
+    items += [FitPrompt(subj, "alone", subj, 0), FitPrompt("I mean " + subj, "alone",
+                                                             "I mean " + subj, 7)]
+    kept, more = _filter(items, held)
+    return FitPrompts(kept, held, dropped + more)
+
+
+def fact_prompts(lm, request: EditRequest, hp: SAKEHparams, exclude: Sequence[str] = ()
+                 ) -> list[str]:
+    """Every prompt of the fact's distribution (see the module docstring, step 1)."""
+    from .context import context_templates
+
+    held = _held_out(request, hp, exclude)
+    bases = _bases(request, hp, held)[0]
+    prefixes = _dedup(["{}"] + context_templates(lm, hp.context_template_length_params,
+                                                 seed=hp.seed) + list(hp.prefixes))
+    return [x.text for x in _filter(_fact_items(request, hp, prefixes, bases), held)[0]]
+
+
+def negative_prompts(request: EditRequest, hp: SAKEHparams, facts=None,
+                     exclude: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Prompts the edit must leave alone, for calibrating the scope; never a prompt
+    evaluation reads (:class:`HeldOut`).
+
+    ``near``: the fact's bare prompts with other subjects (a context prefix in front), for
+    the subject gate. ``other``: other relations' prompts, about other subjects and about the
+    subject itself, for the query gate. Subjects named in an evaluation prompt are never
+    used. ``facts``: reference facts (default :func:`steamviz.datasets.load_reference_facts`,
+    a fixed list when missing).
+    """
+    held = _held_out(request, hp, exclude)
+    bases, every, _ = _bases(request, hp, held)
+    kept = _filter(_negative_items(request, hp, facts, held, bases, every), held)[0]
+    return dict(near=[x.text for x in kept if x.role == "near"],
+                other=[x.text for x in kept if x.role == "other"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -477,8 +751,8 @@ class Scope:
     ``*_refs [m, d]`` are unit vectors of centred reference states, ``*_center [d]`` the
     centre (mean state of the negatives at that layer); the subject gate also divides by
     ``subject_scale [d]``, the negatives' per-dimension standard deviation (a few outlier
-    dimensions otherwise make every city look alike: measured at layer 4, a neighbour city
-    scores up to 0.86 centred only, 0.69 standardised, the fact's own prompts >= 0.98)."""
+    dimensions otherwise make every city look alike: centred only, a neighbour city scores
+    much closer to the fact's own prompts; ``docs/results.md#sake``)."""
 
     subject_layer: int
     subject_refs: torch.Tensor
@@ -536,33 +810,52 @@ def _threshold(pos: torch.Tensor, neg: torch.Tensor, midway: bool = True
     return thr, stats
 
 
-def calibrate_scope(lm, request: EditRequest, prompts: list[str], per: list[dict],
-                    hp: SAKEHparams, negatives: dict[str, list[str]]) -> tuple[Scope, dict]:
-    """Build the :class:`Scope` from the fact prompts' states ``per`` (from :func:`_states`)
-    and the ``negatives`` (:func:`negative_prompts`)."""
+def subject_positions(lm, request: EditRequest, prompts: Sequence[FitPrompt]
+                      ) -> list[int | None]:
+    """Token index (start tokens counted) of the subject's last token in each prompt: at
+    its ``subject_start`` (the templates' ``{}`` slots); a prompt without one is searched for
+    the subject's text (first occurrence; only prompts written without a template, e.g. a
+    request's paraphrase) and gets ``None`` when it does not name the subject."""
+    out: list[int | None] = []
+    for x in prompts:
+        if x.subject_start is not None:
+            out.append(subject_span(lm, x.text, request.subject, x.subject_start)[1])
+        elif request.subject in x.text:
+            out.append(subject_span(lm, x.text, request.subject)[1])
+        else:
+            out.append(None)
+    return out
+
+
+def calibrate_scope(lm, request: EditRequest, fit: FitPrompts, per: list[dict],
+                    hp: SAKEHparams) -> tuple[Scope, dict]:
+    """Build the :class:`Scope` from the fact prompts' states ``per`` (from :func:`_states`,
+    in the order of ``fit.of("fact")``) and ``fit``'s negatives and subject-alone prompts
+    (:func:`fit_prompts`)."""
     ls, lq = hp.subject_layer, hp.query_layer
-    near, other = list(negatives.get("near", [])), list(negatives.get("other", []))
+    facts, alone = fit.of("fact"), fit.of("alone")
+    near, other = fit.texts("near"), fit.texts("other")
     if not other:
         raise ValueError("the scope needs negatives['other']: prompts of other relations")
     near_per, _ = _states(lm, near, [ls], hp.batch_size, final=False)  # up to ls only
     other_per, _ = _states(lm, other, [ls, lq], hp.batch_size, final=False)
     subj_neg = [x[ls] for x in near_per]
     subj_neg += [x[ls] for p, x in zip(other, other_per) if request.subject not in p]
-    # subject gate: references at the subject's last token of each fact prompt; negatives
-    # score their best-matching token
+    # subject gate: references at the subject's last token of each fact prompt, located from
+    # the slots; negatives score their best-matching token
     # (plus the subject alone, at the start of a text and after a word: tokenizers spell
     # "Toronto" and " Toronto" differently, and a fact's prompts may have only one of them)
-    alone = [request.subject, "I mean " + request.subject]
-    alone_per, _ = _states(lm, alone, [ls], hp.batch_size, final=False)
-    sub_refs = [x[ls][subject_span(lm, p, request.subject)[1]]
-                for p, x in zip(prompts + alone, per + alone_per) if request.subject in p]
-    if not sub_refs:
+    alone_per, _ = _states(lm, [x.text for x in alone], [ls], hp.batch_size, final=False)
+    pos = subject_positions(lm, request, facts + alone)
+    sub_refs = [x[ls][i] for x, i in zip(per + alone_per, pos) if i is not None]
+    n_fact = sum(i is not None for i in pos[: len(facts)])
+    if not n_fact:
         raise ValueError(f"no fact prompt names the subject {request.subject!r}")
     tokens = torch.cat(subj_neg)  # every token of the negatives
     s_center, s_scale = tokens.mean(0), tokens.std(0).clamp_min(1e-6)
     s_refs = _unit(torch.stack(sub_refs), s_center, s_scale)
     s_neg = torch.stack([(_unit(t, s_center, s_scale) @ s_refs.T).max() for t in subj_neg])
-    n_fact = len(s_refs) - len(alone)  # positives are scored on the fact prompts' refs
+    # positives are scored on the fact prompts' refs
     s_pos = _loo_max(s_refs)[:n_fact] if len(s_refs) > 1 else s_refs.new_ones(1)
     s_thr, s_stats = _threshold(s_pos, s_neg)
     # query gate: references at the last token of each fact prompt
@@ -570,8 +863,7 @@ def calibrate_scope(lm, request: EditRequest, prompts: list[str], per: list[dict
     q_center = q_neg_states.mean(0)
     q_refs = _unit(torch.stack([x[lq][-1] for x in per]), q_center)
     q_neg = (_unit(q_neg_states, q_center) @ q_refs.T).max(-1).values
-    bases = sorted(base_prompts(request, hp), key=len, reverse=True)
-    groups = [next((i for i, b in enumerate(bases) if p.endswith(b)), -1) for p in prompts]
+    groups = [x.group for x in facts]
     # the query's positives are few phrasings, near-duplicates under their prefixes: their
     # scores overrate how close a new phrasing gets, so the cut sits just above the negatives
     q_thr, q_stats = _threshold(_loo_max(q_refs, groups), q_neg, midway=False)
@@ -729,16 +1021,24 @@ class SAKEEdit(Edit):
 # ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def apply(lm, request: EditRequest | dict, hparams: SAKEHparams | None = None,
-          negatives: dict[str, list[str]] | None = None) -> SAKEEdit:
+          negatives: dict[str, list[str]] | None = None,
+          exclude: Sequence[str] = ()) -> SAKEEdit:
     """Edit with SAKE; returns an undoable :class:`SAKEEdit` (hooks, no weight change).
 
-    ``negatives``: override :func:`negative_prompts` (``{"near": [...], "other": [...]}``).
+    Every prompt the fit reads comes from :func:`fit_prompts`, which leaves out the prompts
+    evaluation reads. ``negatives``: override :func:`negative_prompts`
+    (``{"near": [...], "other": [...]}``; evaluation prompts among them are left out too).
+    ``exclude``: more prompts the fit must not read (e.g. those of other requests evaluated
+    with this edit in place). ``info["held_out"]``: how many evaluation prompts were held
+    out, how many fit prompts were left out for them (``n_dropped``) and which evaluation
+    prompts those would have read (``reads``).
     """
     if isinstance(request, dict):
         request = EditRequest.from_dict(request)
     hp = (hparams or SAKEHparams()).resolved(lm)
     t0 = time.perf_counter()
-    prompts = fact_prompts(lm, request, hp)
+    fit = fit_prompts(lm, request, hp, negatives=negatives, exclude=exclude)
+    prompts = fit.texts("fact")
     per, final = _states(lm, prompts, [hp.subject_layer, hp.query_layer], hp.batch_size)
     Hs = torch.stack([f[-1] for f in final])  # [n, d] lm_head inputs at the last token
     tok = token_ids(lm, space(request.target_new))
@@ -754,11 +1054,13 @@ def apply(lm, request: EditRequest | dict, hparams: SAKEHparams | None = None,
 
     diag.update(source_p_new=p_new(Hs), target_p_new=p_new(Ht),
                 mapped_p_new=p_new((Hs.double() @ A.T + b).float()))
-    negatives = negatives if negatives is not None else negative_prompts(request, hp)
-    scope, calib = calibrate_scope(lm, request, prompts, per, hp, negatives)
+    scope, calib = calibrate_scope(lm, request, fit, per, hp)
     info = dict(request=request.to_dict(), hparams=hp.to_dict(), n_prompts=len(prompts),
                 fit=diag, scope=dict(scope.summary(), **calib), target_token=int(tok[0]),
-                n_target_tokens=len(tok))
+                n_target_tokens=len(tok),
+                held_out=dict(n_evaluation_prompts=len(fit.held_out.prompts),
+                              n_dropped=len(fit.dropped),
+                              reads=_dedup(q for _, q in fit.dropped)))
     edit = SAKEEdit(lm, A, b, scope, info)
     edit.info["seconds"] = time.perf_counter() - t0
     return edit
@@ -767,7 +1069,7 @@ def apply(lm, request: EditRequest | dict, hparams: SAKEHparams | None = None,
 def _register() -> None:
     from .editors import register
 
-    @register("sake", params=SAKEHparams, extra=("negatives",))
+    @register("sake", params=SAKEHparams, extra=("negatives", "exclude"))
     def _sake(lm, request, hparams=None, **kw):
         if isinstance(hparams, dict):
             hparams = SAKEHparams(**hparams)
@@ -775,9 +1077,10 @@ def _register() -> None:
             seed = getattr(hparams, "seed", None)
             hparams = SAKEHparams() if seed is None else SAKEHparams(seed=seed)
         negatives = kw.pop("negatives", None)
+        exclude = kw.pop("exclude", ())
         if kw:
             hparams = hparams.replace(**kw)
-        return apply(lm, request, hparams, negatives=negatives)
+        return apply(lm, request, hparams, negatives=negatives, exclude=exclude)
 
 
 _register()

@@ -10,7 +10,7 @@
 {'lam': 20.0, 'layers': [8, ..., 20], 'centered': False, 'anchor_facts': 11}
 
 Measurement choice: residual streams of this model share a large common component, so raw
-cosines sit near 0.99 (``docs/latent-geometry.md``). ``centered=True`` subtracts
+cosines sit near 1 (``docs/latent-geometry.md``). ``centered=True`` subtracts
 the mean stream of the reference bank per layer before the cosine, in the loss as in the
 metrics. The default is the paper's raw cosine; lam must then be in the tens for SmolLM2.
 With ``lam = 0`` this is exactly ROME.
@@ -44,6 +44,16 @@ class AlignLoss:
     layers: list[int]
     phi: torch.Tensor  # [len(layers), d]
     center: torch.Tensor | None = None  # [len(layers), d]
+
+    def key(self) -> tuple:
+        """What this term pulls toward, as a hashable value (target-vector caches)."""
+        import hashlib
+
+        h = hashlib.sha256(self.phi.detach().float().cpu().numpy().tobytes())
+        if self.center is not None:
+            h.update(b"center")
+            h.update(self.center.detach().float().cpu().numpy().tobytes())
+        return (float(self.lam), tuple(self.layers), h.hexdigest()[:16])
 
     def loss(self, streams: dict[int, torch.Tensor]) -> torch.Tensor:
         terms = []
@@ -100,11 +110,11 @@ def apply(
                               **(anchor_kw or {}))
     align = make_align(lm, anchor, lam, layers, centered, bank=bank)
     prep = rome.prepare(lm, request, hp)
-    v = rome.compute_v(lm, prep, hp, align=align, early_stop_on=early_stop_on)
+    v, reused = rome.target_vector(lm, prep, hp, align, early_stop_on)
     return rome.write_update(
         lm, prep, v, method="STEAM-ROME",
         extra={"align": {"lam": lam, "layers": align.layers, "centered": centered,
-                         "anchor_facts": anchor.n}},
+                         "anchor_facts": anchor.n}, "v_reused": reused},
     )
 
 

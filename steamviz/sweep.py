@@ -72,6 +72,10 @@ class SweepConfig:
     # which reference facts count as known (steamviz.anchors.recall_rule_ok): "greedy" (the
     # model generates the object) or "topK" (its first token among the K likeliest)
     recall_rule: str = "greedy"
+    # the ParaRel pattern per relation in the pool: "first" (the file's first usable one),
+    # "best" (the one the unedited model completes best on subjects this run does not
+    # evaluate: steamviz.pool.choose_patterns), or a JSON file {relation: template}
+    pararel_patterns: str = "first"
     hparams: dict = field(default_factory=dict)  # ROME hyperparameter overrides
     batch_sizes: list = field(default_factory=lambda: [1])  # for batch editors (MEMIT)
     method_params: dict = field(default_factory=dict)  # {method: {param: value}}
@@ -134,6 +138,9 @@ class SweepConfig:
         from .anchors import recall_rule_ok
 
         need(recall_rule_ok(self.recall_rule) is None, "recall_rule", '"greedy" or "topK" (K >= 1)')
+        need(isinstance(self.pararel_patterns, str) and (
+            self.pararel_patterns in ("first", "best") or Path(self.pararel_patterns).is_file()),
+            "pararel_patterns", '"first", "best" or the path of a JSON file {relation: template}')
         need(isinstance(self.batch_sizes, list) and self.batch_sizes and all(
             isinstance(x, int) and x > 0 for x in self.batch_sizes), "batch_sizes",
             "a non-empty list of positive integers")
@@ -371,6 +378,7 @@ class Runner:
         self.hp = ROMEHparams.for_model(self.lm).replace(**{"seed": cfg.seed, **budget,
                                                             **cfg.hparams})
         self._references = None
+        self._prefetched: set = set()  # (request, layer) whose target vectors are computed
 
     def requests(self):
         from .datasets import load_named
@@ -390,13 +398,25 @@ class Runner:
                 from .pool import load_pool
 
                 extra = None if self.cfg.reference_facts == "pool" else self.cfg.reference_facts
-                facts = load_pool(extra=extra)
+                facts = load_pool(extra=extra, pararel_templates=self.pararel_templates())
             self._references = build_references(
                 self.lm, self.requests(), seeds=self.cfg.seeds, bank_size=self.cfg.bank_size,
                 bank_seed=self.cfg.seed, texts=self.cfg.generation, facts=facts,
                 anchor_kw=({} if self.cfg.recall_rule == "greedy"
                            else {"recall_rule": self.cfg.recall_rule}))
         return self._references
+
+    def pararel_templates(self) -> dict | None:
+        """The pool's ParaRel template per relation (config key ``pararel_patterns``)."""
+        pp = self.cfg.pararel_patterns
+        if pp == "first":
+            return None
+        if pp == "best":
+            from .pool import best_templates
+
+            return best_templates(self.lm, {r.subject for r in self.requests()},
+                                  self.cfg.recall_rule)
+        return {str(k): str(v) for k, v in json.loads(Path(pp).read_text()).items()}
 
     def bank(self):
         return self.references().bank
@@ -418,6 +438,8 @@ class Runner:
     def keys(self, req, point, batch: list | None = None) -> str:
         extra = dict(gen=self.cfg.generation, tokens=self.cfg.max_new_tokens, k=self.cfg.knn_k,
                      refs=self.references().digest)
+        if self.cfg.generation:  # consistency's TF-IDF weights (#18.5: fitted on WikiText)
+            extra["consistency"] = "wikitext-idf"
         if self.cfg.bank_size is not None:
             extra["bank"] = self.cfg.bank_size
         if point.get("batch") is not None:  # a batch edit's row depends on its co-edits
@@ -482,6 +504,36 @@ class Runner:
                if self.anchor(r.target_new, seed) is None]
         return "no anchor for " + "; ".join(why) if why else None
 
+    def prefetch(self, req, point) -> None:
+        """Optimise together the target vectors of every ROME / STEAM-ROME point of the grid
+        for ``req`` at ``point``'s edit layer (lambdas, alignment sets, centring, anchor
+        seeds and plain ROME: :func:`steamviz.rome.compute_vs`), once per request and layer;
+        the edits then read them from ROME's cache. The group is always the whole grid's, so
+        a resumed run, a Ray worker and a fresh run compute the same vectors."""
+        from . import rome
+        from .editors import edit
+
+        if point["method"] not in ("rome", "steam-rome") or point.get("batch") is not None:
+            return
+        mark = (req.case_id, req.subject, req.target_new, point["layer"])
+        if mark in self._prefetched:
+            return
+        self._prefetched.add(mark)
+        pts = [p for p in grid(self.cfg, self.hp.layer) if p["method"] in ("rome", "steam-rome")
+               and p.get("batch") is None and p["layer"] == point["layer"]
+               and not self.skipped([req], p)]
+        if len(pts) < 2:
+            return
+        with rome.collect() as wanted:
+            for p in pts:
+                try:
+                    edit(self.lm, req, p["method"], **self.edit_kwargs(p, [req]))
+                except rome.Collected:
+                    pass
+                else:  # an editor that does not go through ROME's target vector
+                    raise RuntimeError(f"{p['method']} wrote an edit while collecting")
+        rome.compute_collected(wanted)
+
     def run_point(self, req, point) -> dict:
         """Edit with one request, measure it, undo; one row."""
         return self.run_unit([req], point)[0]
@@ -501,13 +553,16 @@ class Runner:
         elif point["method"] == "unedited":
             rows = [self.measure(r, point, None) for r in reqs]
         else:
+            if len(reqs) == 1:
+                self.prefetch(reqs[0], point)
             kw = self.edit_kwargs(point, reqs)
             t = time.perf_counter()
             ctx = (edit_batch(self.lm, reqs, point["method"], **kw) if point.get("batch")
                    else edit(self.lm, reqs[0], point["method"], **kw))
             with ctx as e:
                 losses = e.info.get("losses") or [{}]
-                info = dict(edit_seconds=(time.perf_counter() - t) / len(reqs),
+                shared = e.info.get("seconds_opt", 0.0) if e.info.get("v_reused") else 0.0
+                info = dict(edit_seconds=(time.perf_counter() - t) / len(reqs) + shared,
                             steps=e.info.get("steps"),
                             final_nll=losses[-1].get("nll") if isinstance(losses[-1], dict)
                             else None)
@@ -550,8 +605,6 @@ def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
     A run folder holds the points of one config: a changed config is refused (before any
     work) unless ``force``, which adds its points to the folder and keeps every config in
     ``RUN/config-history/``."""
-    from tqdm.auto import tqdm
-
     from .executors import make_executor
 
     from .models import model_depth
@@ -590,7 +643,7 @@ def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
         n_all, n_left = sum(len(w[0]) for w in work), sum(len(w[0]) for w in left)
         if n_left < n_all:
             log(f"[steamviz] resuming: {n_all - n_left} of {n_all} points done")
-        bar = tqdm(total=n_left, desc="sweep", disable=not progress, unit="edit")
+        bar = _progress_bar(n_all, n_left, progress)
 
         def done(keys, batch, point, rows):  # only this process writes the store
             for key, req, row in zip(keys, batch, rows):
@@ -607,6 +660,22 @@ def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
     keys = {k for w in work for k in w[0]}
     df = store.frame()
     return df[df.key.isin(keys)].reset_index(drop=True) if len(df) else df
+
+
+def _progress_bar(n_all: int, n_left: int, progress: bool = True):
+    """The sweep's progress bar over all ``n_all`` points, starting at the ones already in
+    the store: a resumed sweep shows "resumed: 6 of 6 points done ... 6/6" (not "0/0"), a
+    partly resumed one starts at "2/6"."""
+    from tqdm.auto import tqdm
+
+    done = n_all - n_left
+    if not done:
+        desc = "sweep"
+    elif not n_left:
+        desc = f"resumed: {done} of {n_all} points done"
+    else:
+        desc = f"sweep (resumed: {done} of {n_all} points done before)"
+    return tqdm(total=n_all, initial=done, desc=desc, disable=not progress, unit="edit")
 
 
 def _check_data(cfg: SweepConfig) -> None:

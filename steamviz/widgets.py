@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -23,49 +24,120 @@ from . import figures
 
 
 def _layers_mean(df: pd.DataFrame, col: str) -> np.ndarray | None:
-    vals = [json.loads(v) if isinstance(v, str) else v for v in df[col] if v is not None]
-    vals = [v for v in vals if v is not None]
+    """Mean over rows of a per-layer column (lists or JSON strings); rows without it (an
+    edit skipped for want of an anchor) are left out. None when no row has it."""
+    if col not in df.columns:
+        return None
+    vals = [json.loads(v) if isinstance(v, str) else v for v in df[col]]
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return np.array(vals, dtype=float).mean(0) if vals else None
+
+
+def _canon(v) -> str | None:
+    """One spelling of a grid value, so a control's value matches the stored rows: 20 and
+    20.0, 5 and 5.0 (a layer column holding NaN is float), [8, 9] and "[8,9]"."""
+    if v is None or (isinstance(v, (float, np.floating)) and math.isnan(v)):
+        return None
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return f"{float(v):.12g}"
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return json.dumps([int(x) for x in v])
+    v = str(v)
+    if v.startswith("["):
+        try:
+            return json.dumps([int(x) for x in json.loads(v)])
+        except (ValueError, TypeError):
+            return v
+    return v
+
+
+#: the grid columns of a STEAM point that the panel has a control for, and their labels
+_CONTROLS = {"lam": "λ", "layer": "edit layer", "align_layers": "align layers",
+             "centered": "centred"}
+
+
+def _options(col: str, values: pd.Series) -> list:
+    """The distinct stored values of a grid column, typed for its control and sorted."""
+    out = {}
+    for v in values:
+        k = _canon(v)
+        if k is None:
+            continue
+        if col == "lam":
+            out[k] = float(v)
+        elif col == "layer":
+            out[k] = int(float(v))
+        elif col == "centered":
+            out[k] = k == "True"
+        else:
+            out[k] = k
+    if col == "align_layers":
+        return sorted(out.values(), key=lambda k: (k != "default", k))
+    return sorted(out.values())
 
 
 class SweepExplorer:
     """Explore a sweep by alignment strength and layer choice (see module docstring).
 
-    ``axis``: ``"lam"`` (alignment strength) or ``"layer"`` (edited layer).
+    ``axis``: ``"lam"`` (alignment strength) or ``"layer"`` (edited layer): the slider.
+    Every other grid column of the STEAM rows (edited layer or lambda, alignment-layer set,
+    centring) gets a dropdown (disabled when the sweep holds one value), so no trace ever
+    averages rows of different grid points. Every trace is recomputed from the rows that
+    match the current value of every control: STEAM-ROME at all of them, ROME at the
+    selected edited layer, the unedited model from all of its rows (anchor seeds and edits
+    are averaged over, as in :func:`steamviz.sweep.summarize`).
     """
+
+    METRICS = ("efficacy", "paraphrase", "neighborhood", "portability", "knn_share")
 
     def __init__(self, df: pd.DataFrame, runner=None, requests=None, axis: str = "lam",
                  col: str = "cos_centered_layers"):
         import ipywidgets as W
 
+        if axis not in ("lam", "layer"):
+            raise ValueError(f"axis must be 'lam' or 'layer' (got {axis!r})")
         self.df = df.copy()
         self.runner = runner
         self.requests = requests
         self.axis = axis
         self.col = col
         steam = self.df[self.df.method == "steam-rome"]
-        values = sorted({float(v) for v in steam[axis].dropna()}) or [0.0]
-        if axis == "lam":
-            self.slider = W.SelectionSlider(options=values, value=values[0], description="λ",
-                                         continuous_update=True)
-        else:
-            self.slider = W.SelectionSlider(options=[int(v) for v in values], value=int(values[0]),
-                                         description="edit layer", continuous_update=True)
-        sets = sorted({str(v) for v in steam.get("align_layers", pd.Series(dtype=str)).dropna()})
-        self.layer_set = W.Dropdown(options=sets or ["default"], description="align layers")
-        self.new_value = W.FloatText(value=float(max(values) * 2 if values[0] else 10.0),
+        values = _options(axis, steam[axis]) if axis in steam else []
+        values = values or ([0.0] if axis == "lam" else [0])
+        self.slider = W.SelectionSlider(options=values, value=values[0],
+                                        description=_CONTROLS[axis], continuous_update=True)
+        self.controls = {axis: self.slider}
+        for c in _CONTROLS:
+            if c == axis or c not in steam or steam[c].isna().all():
+                continue
+            opts = _options(c, steam[c])
+            self.controls[c] = W.Dropdown(options=opts, value=opts[0], description=_CONTROLS[c],
+                                          disabled=len(opts) < 2)
+        # the alignment-layer set control (a placeholder when the rows have no such column)
+        self.layer_set = (self.controls["align_layers"] if "align_layers" in self.controls
+                          else W.Dropdown(options=["default"], disabled=True,
+                                          description=_CONTROLS["align_layers"]))
+        start = float(max(values))
+        self.new_value = W.FloatText(value=start * 2 if start else 10.0,
                                      description="new λ" if axis == "lam" else "new layer")
         self.run_button = W.Button(description="run point", icon="play",
                                    disabled=runner is None or requests is None)
         self.status = W.HTML()
+        self.counts = W.HTML()
         self.cos_fig = go.FigureWidget(self._cos_figure())
         self.metrics_fig = go.FigureWidget(self._metric_figure())
-        self.slider.observe(lambda ch: self.update(), names="value")
-        self.layer_set.observe(lambda ch: self.update(), names="value")
+        self._show_counts()
+        for w in self.controls.values():
+            w.observe(lambda ch: self.update(), names="value")
         self.run_button.on_click(lambda b: self.run_point(self.new_value.value))
-        controls = W.HBox([self.slider, self.layer_set])
+        shown = list(self.controls.values())
+        if "align_layers" not in self.controls:
+            shown.append(self.layer_set)
+        controls = W.HBox(shown)
         runrow = W.HBox([self.new_value, self.run_button, self.status])
-        self.widget = W.VBox([controls, self.cos_fig, self.metrics_fig, runrow])
+        self.widget = W.VBox([controls, self.counts, self.cos_fig, self.metrics_fig, runrow])
 
     @property
     def lam(self):
@@ -73,67 +145,113 @@ class SweepExplorer:
         return self.slider
 
     # --- data ---------------------------------------------------------------------
+    def _match(self, d: pd.DataFrame, cols) -> pd.DataFrame:
+        keep = np.ones(len(d), dtype=bool)
+        for c in cols:
+            if c in self.controls:
+                want = _canon(self.controls[c].value)
+                got = d[c].map(_canon) if c in d else pd.Series([None] * len(d), index=d.index)
+                keep &= (got == want).to_numpy()
+        return d[keep]
+
     def _selected(self) -> pd.DataFrame:
-        d = self.df[self.df.method == "steam-rome"]
-        d = d[np.isclose(d[self.axis].astype(float), float(self.slider.value))]
-        if "align_layers" in d and self.layer_set.value in set(d.align_layers.astype(str)):
-            d = d[d.align_layers.astype(str) == self.layer_set.value]
-        return d
+        """The STEAM-ROME rows at the current value of every control."""
+        return self._match(self.df[self.df.method == "steam-rome"], self.controls)
 
     def _baseline(self, method: str) -> pd.DataFrame:
+        """ROME rows at the selected edited layer; the unedited model's rows."""
         d = self.df[self.df.method == method]
-        if self.axis == "layer" and method == "rome":
-            d = d[np.isclose(d.layer.astype(float), float(self.slider.value))]
-        return d
+        return self._match(d, ["layer"]) if method == "rome" else d
+
+    def _lines(self) -> list[tuple[str, str, pd.DataFrame]]:
+        """(trace name, method, rows) of each line of the cosine figure, in trace order."""
+        return [("unedited", "unedited", self._baseline("unedited")),
+                ("ROME", "rome", self._baseline("rome")),
+                ("STEAM-ROME", "steam-rome", self._selected())]
+
+    def _bars(self) -> list[tuple[str, str, pd.DataFrame]]:
+        """(trace name, method, rows) of each bar group of the metrics figure."""
+        return [("ROME", "rome", self._baseline("rome")),
+                ("STEAM-ROME", "steam-rome", self._selected())]
+
+    def _metric_names(self) -> list[str]:
+        return [n for n in self.METRICS if n in self.df.columns]
+
+    @staticmethod
+    def _means(d: pd.DataFrame, names: list[str]) -> list[float | None]:
+        out = []
+        for n in names:
+            m = d[n].mean() if n in d and len(d) else float("nan")
+            out.append(None if pd.isna(m) else float(m))
+        return out
 
     def _cos_figure(self) -> go.Figure:
         fig = go.Figure()
-        for method, name in (("unedited", "unedited"), ("rome", "ROME")):
-            y = _layers_mean(self._baseline(method), self.col)
-            fig.add_trace(go.Scatter(y=y, mode="lines", name=name,
-                                     line=dict(color=figures._color(method))))
-        y = _layers_mean(self._selected(), self.col)
-        fig.add_trace(go.Scatter(y=y, mode="lines", name="STEAM-ROME",
-                                 line=dict(color=figures._color("steam-rome"), width=3)))
+        for name, method, d in self._lines():
+            fig.add_trace(go.Scatter(y=_layers_mean(d, self.col), mode="lines", name=name,
+                                     line=dict(color=figures._color(method),
+                                               width=3 if method == "steam-rome" else 2)))
         fig.update_xaxes(title="layer")
         fig.update_yaxes(title="centred cosine to anchor")
         return figures.style(fig)
 
     def _metric_figure(self) -> go.Figure:
-        names = ["efficacy", "paraphrase", "neighborhood", "portability", "knn_share"]
-        names = [n for n in names if n in self.df.columns]
+        names = self._metric_names()
         fig = go.Figure()
-        for method, label, d in (("rome", "ROME", self._baseline("rome")),
-                                 ("steam-rome", "STEAM-ROME", self._selected())):
-            fig.add_trace(go.Bar(x=names, y=[float(d[n].mean()) if len(d) else None
-                                             for n in names], name=label,
+        for name, method, d in self._bars():
+            fig.add_trace(go.Bar(x=names, y=self._means(d, names), name=name,
                                  marker_color=figures._color(method)))
         fig.update_layout(barmode="group")
         fig.update_yaxes(range=[0, 1])
         return figures.style(fig, "one_column")
 
+    def _show_counts(self) -> None:
+        """How many stored rows each line averages (skipped edits: no anchor, no metrics)."""
+        parts = []
+        for name, _, d in self._lines():
+            skipped = int(d["skipped"].notna().sum()) if "skipped" in d else 0
+            parts.append(f"{name} {len(d) - skipped}" + (f" (+{skipped} skipped)" if skipped
+                                                         else ""))
+        self.counts.value = "rows averaged: " + ", ".join(parts)
+
     # --- interaction -----------------------------------------------------------------
     def update(self) -> None:
-        y = _layers_mean(self._selected(), self.col)
+        """Recompute every trace of both figures from the rows of the current selection."""
         with self.cos_fig.batch_update():
-            self.cos_fig.data[2].y = y
-        names = list(self.metrics_fig.data[1].x)
-        d = self._selected()
+            for trace, (_, _, d) in zip(self.cos_fig.data, self._lines(), strict=True):
+                trace.y = _layers_mean(d, self.col)
+        names = self._metric_names()
         with self.metrics_fig.batch_update():
-            self.metrics_fig.data[1].y = [float(d[n].mean()) if len(d) else None for n in names]
+            for trace, (_, _, d) in zip(self.metrics_fig.data, self._bars(), strict=True):
+                trace.x = names
+                trace.y = self._means(d, names)
+        self._show_counts()
+
+    def _point(self, value: float) -> dict:
+        """The grid point of a new STEAM-ROME run: the axis at ``value``, every other grid
+        column at its control's current value."""
+        steam = self.df[self.df.method == "steam-rome"]
+
+        def cur(c, default):
+            return self.controls[c].value if c in self.controls else default
+
+        lams = steam.lam.dropna() if "lam" in steam else pd.Series(dtype=float)
+        align = cur("align_layers", "default")
+        point = dict(method="steam-rome", layer=int(cur("layer", self.runner.hp.layer)),
+                     lam=float(cur("lam", lams.iloc[0] if len(lams) else 20.0)),
+                     align_layers=align if align == "default" else json.loads(align),
+                     centered=bool(cur("centered", False)))
+        point[self.axis] = float(value) if self.axis == "lam" else int(value)
+        return point
 
     def run_point(self, value: float) -> pd.DataFrame:
-        """Compute STEAM-ROME at a new lambda (or edited layer) for the requests, add the
-        rows, and move the slider there."""
+        """Compute STEAM-ROME at a new lambda (or edited layer) for the requests, at the
+        current value of every other control; add the rows and move the slider there."""
         from tqdm.auto import tqdm
 
         if self.runner is None or self.requests is None:
             raise RuntimeError("SweepExplorer was built without runner/requests")
-        point = dict(method="steam-rome", layer=self.runner.hp.layer, lam=float(value),
-                     align_layers="default", centered=False)
-        if self.axis == "layer":
-            point.update(layer=int(value), lam=float(self.df[self.df.method == "steam-rome"]
-                                                     .lam.dropna().iloc[0]))
+        point = self._point(value)
         rows = []
         for req in tqdm(self.requests, desc=f"{self.axis}={value:g}"):
             row = self.runner.run_point(req, point)
@@ -141,9 +259,10 @@ class SweepExplorer:
             rows.append(row)
         new = pd.DataFrame(rows)
         self.df = pd.concat([self.df, new], ignore_index=True)
-        opts = sorted(set(self.slider.options) | {type(self.slider.options[0])(value)})
+        v = point[self.axis]
+        opts = sorted(set(self.slider.options) | {v})
         self.slider.options = opts
-        self.slider.value = type(opts[0])(value)
+        self.slider.value = v
         self.update()
         self.status.value = f"added {len(new)} rows at {self.axis}={value:g}"
         return new

@@ -7,7 +7,7 @@ import torch
 from steamviz.arch import final_readout, get_module
 from steamviz.capture import capture
 from steamviz.forward import greedy
-from steamviz.tokens import encode, subject_span
+from steamviz.tokens import encode, fill, subject_span, token_ids
 
 pytestmark = pytest.mark.model
 
@@ -92,3 +92,31 @@ def test_hooks_removed_on_error_and_model_reusable(lm):
     assert torch.isfinite(ok.tensor).all()
     with pytest.raises(ValueError, match="out of range"):
         capture(lm, ["x"], layers=[31])
+
+
+def test_subject_located_from_the_slot_not_the_first_mention(lm):
+    """Issue 18.4: text before the slot names the subject; ``subject_starts`` (the slot's
+    offset, from :func:`fill`) puts ``subject_*`` at the slot's tokens."""
+    text, at = fill("Toronto is big. {} is located in the country of", "Toronto")
+    assert at == 16
+    n0 = len(lm.prefix_ids)
+    first = n0 + len(token_ids(lm, text[:at].rstrip()))  # " Toronto" takes the space
+    last = n0 + len(token_ids(lm, text[: at + len("Toronto")])) - 1
+    mention = n0 + len(token_ids(lm, "Toronto")) - 1  # the first mention's last token
+    assert mention < first
+    pos = ("subject_first", "subject_last", "last")
+    cap = capture(lm, [text, "The capital of France is"], positions=pos, layers=[3],
+                  subjects=["Toronto", "France"], subject_starts=[at, None])
+    assert cap.token_index[0].tolist() == [first, last, len(encode(lm, [text]).input_ids[0]) - 1]
+    # None: the search fallback (the only option for a prompt written without a template)
+    assert cap.token_index[1, 1] == subject_span(lm, "The capital of France is", "France")[1]
+    searched = capture(lm, [text], positions=("subject_last",), layers=[3], subjects=["Toronto"])
+    assert int(searched.token_index[0, 0]) == mention  # what the old code read
+    h = lm.model(input_ids=encode(lm, [text]).input_ids, output_hidden_states=True
+                 ).hidden_states[3][0]
+    torch.testing.assert_close(cap.get("subject_last", 3)[0], h[last], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="not at offset"):
+        capture(lm, [text], positions=("subject_last",), subjects=["Toronto"], subject_starts=[3])
+    with pytest.raises(ValueError, match="subject_starts"):
+        capture(lm, [text], positions=("subject_last",), subjects=["Toronto"],
+                subject_starts=[at, at])

@@ -8,6 +8,7 @@ from steamviz.edits import load_edit
 from steamviz.forward import target_logprobs
 from steamviz.kne import KNEHparams
 from steamviz.requests import EditRequest
+from steamviz.tokens import fill, token_ids
 
 REQ = EditRequest(prompt="The city of {} is located in the country of", subject="Toronto",
                   target_new="Japan", target_true="Canada")
@@ -95,6 +96,44 @@ def test_tiny_fast_attribution_matches_reference(tiny):
     last = f"{tiny.adapter.layers}.{tiny.n_layers - 1}."
     for n in w:  # the last block's MLP at the subject's tokens cannot reach the answer
         assert (subj[n].abs().sum() == 0) == n.startswith(last), n
+
+
+def test_tiny_attribution_goes_through_the_slot_not_the_first_mention(tiny):
+    """Issue 18.4: the subject's tokens come from the template's slot. In "Toronto is big. I
+    mean Toronto" the slot's Toronto ends the prompt, so the last block's MLP reaches the
+    answer through it; through the first mention (a text search) it cannot."""
+    w = kne.ffn_weights(tiny)
+    prompt, at = fill("Toronto is big. I mean {}", "Toronto")
+    assert at == 23
+    kw = dict(steps=2, signed=True, batch_size=2, subject="Toronto")
+    slot = kne.attribute(tiny, prompt, "Japan", w, subject_start=at, **kw)
+    first = kne.attribute(tiny, prompt, "Japan", w, **kw)  # no offset: the search fallback
+    last = f"{tiny.adapter.layers}.{tiny.n_layers - 1}."
+    for n in w:
+        if n.startswith(last):
+            assert slot[n].abs().sum() > 0 and first[n].abs().sum() == 0, n
+    with pytest.raises(ValueError, match="not at offset"):
+        kne.attribute(tiny, prompt, "Japan", w, subject_start=3, **kw)
+
+
+def test_apply_attributes_through_the_slot(tokenizer):
+    """``info["attr_tokens"]``: the subject's token span from the slot, not the earlier
+    mention of the subject in the template's own text."""
+    from conftest import build_tiny
+
+    lm = build_tiny("llama", tokenizer)
+    req = EditRequest(prompt="Toronto is big. The city of {} is in", subject="Toronto",
+                      target_new="Japan", target_true="Canada")
+    text, at = fill(req.prompt, req.subject)
+    assert text == req.rewrite_prompt and at == 28
+    n0 = len(lm.prefix_ids)
+    first = n0 + len(token_ids(lm, text[:at].rstrip()))  # " Toronto" takes the space
+    last = n0 + len(token_ids(lm, text[: at + len("Toronto")])) - 1
+    assert first > n0 + 1  # the first mention's tokens come earlier
+    with kne.apply(lm, req, KNEHparams(**FAST)) as e:
+        assert e.info["attr_tokens"] == [first, last]
+    with kne.apply(lm, req, KNEHparams(attr_positions="all", **FAST)) as e:
+        assert e.info["attr_tokens"] is None
 
 
 def test_tiny_edit_runs_and_restores(tiny, tmp_path):

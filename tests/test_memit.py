@@ -94,3 +94,129 @@ def test_hparams_from_easyedit_memit_yaml(tmp_path):
     y.write_text(EASYEDIT_MEMIT.replace("v_lr: 5e-1", "v_lr: fast"))
     with pytest.raises(ValueError, match="'v_lr' must be a number"):
         MEMITHparams.from_yaml(y)
+
+
+# --- MEMIT as published: z's norms relative to the residual stream, keys per template type
+
+TORONTO = EditRequest(prompt="The city of {} is located in the country of", subject="Toronto",
+                      target_new="Japan", target_true="Canada")
+MLP_OUT = {"llama": lambda m, L: m.model.layers[L].mlp.down_proj,
+           "gpt2": lambda m, L: m.transformer.h[L].mlp.c_proj}
+
+
+def _subject_last(lm, text_before_subject_end: str) -> int:
+    """Position of the subject's last token, counted by hand (start tokens, then the text
+    up to the end of the subject), as MEMIT's find_fact_lookup_idx."""
+    return len(lm.prefix_ids) + len(lm.tok(text_before_subject_end,
+                                           add_special_tokens=False)["input_ids"]) - 1
+
+
+def _spy_compute_v(monkeypatch):
+    from steamviz import rome
+
+    seen, real = [], rome.compute_v
+
+    def spy(*a, **k):
+        seen.append(real(*a, **k))
+        return seen[-1]
+
+    monkeypatch.setattr(rome, "compute_v", spy)
+    return seen
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # the lean forward and the model's modules
+def test_z_clamp_and_decay_are_relative_to_the_residual_stream(arch, tokenizer, monkeypatch):
+    """MEMIT's compute_z: max_norm = clamp_norm_factor * |target_init| and decay
+    v_weight_decay * |delta| / |target_init|^2, target_init the residual stream leaving
+    block z_layer at the subject's last token of the bare prompt (not the MLP output)."""
+    from conftest import build_tiny
+
+    from steamviz import lean, rome
+
+    lm = build_tiny(arch, tokenizer)
+    L = 2  # z_layer
+    assert (lean.unsupported(lm.model, L) is None) == (arch == "llama")
+    memit.clear_caches()
+    rome.clear_caches()
+    seen = _spy_compute_v(monkeypatch)
+    hp = MEMITHparams(layers=(1, L), clamp_norm_factor=0.05, v_weight_decay=0.5, v_lr=0.5,
+                      v_num_grad_steps=4, early_stop_loss=0.0,
+                      context_template_length_params=((5, 2),))
+    edit = memit.apply(lm, [TORONTO], hp)
+    edit.restore()
+    (v,) = seen
+    # the residual stream and the MLP output at the subject's last token, by hand
+    text = TORONTO.rewrite_prompt
+    pos = _subject_last(lm, text[: text.index("Toronto") + len("Toronto")])
+    ids = torch.tensor([list(lm.prefix_ids) + lm.tok(text, add_special_tokens=False)["input_ids"]])
+    got = {}
+    h = MLP_OUT[arch](lm.model, L).register_forward_hook(
+        lambda m, a, out: got.__setitem__("mlp", out[0, pos].detach()))
+    try:
+        with torch.no_grad():
+            hs = lm.model(input_ids=ids, output_hidden_states=True).hidden_states
+    finally:
+        h.remove()
+    resid = hs[L + 1][0, pos].norm().item()  # output of block L (L + 1 < n_layers: pre-norm)
+    mlp = got["mlp"].norm().item()
+    assert abs(resid - mlp) > 0.2 * resid  # the two references are far apart here
+    assert v.steps == 3  # the clamp bound after every step
+    assert v.delta.norm().item() == pytest.approx(0.05 * resid, rel=1e-4)
+    assert v.delta.norm().item() != pytest.approx(0.05 * mlp, rel=0.1)
+    # the decay recorded at the last step: 0.5 * |delta| / |resid|^2 = 0.5 * 0.05 / |resid|
+    assert v.losses[-1]["decay"] == pytest.approx(0.5 * 0.05 / resid, rel=1e-4)
+    assert edit.info["final_losses"][0]["decay"] == pytest.approx(0.5 * 0.05 / resid, rel=1e-4)
+
+
+def test_keys_are_the_mean_of_per_type_means(tokenizer, monkeypatch):
+    """MEMIT's compute_ks: the mean key within each context-template type (the bare "{}",
+    then one type per (length, n) pair), then the mean of those means; checked on the
+    written update, dW = delta k^T / (w s + k.k) for one request at one layer (C = s I)."""
+    from conftest import build_tiny
+
+    from steamviz import rome
+    from steamviz.context import context_templates
+
+    lm = build_tiny("llama", tokenizer)
+    L = 2
+    params = ((5, 2), (10, 3))
+    ctx = context_templates(lm, params, seed=0)
+    assert len(ctx) == 6 and ctx[0] == "{}"
+    # per-context keys by hand: the input of down_proj at the subject's last token
+    keys = []
+    for c in ctx:
+        text = c.replace("{}", TORONTO.rewrite_prompt)
+        head = c.replace("{}", TORONTO.prompt)
+        pos = _subject_last(lm, head[: head.index("{}")] + "Toronto")
+        ids = torch.tensor([list(lm.prefix_ids)
+                            + lm.tok(text, add_special_tokens=False)["input_ids"]])
+        got = {}
+        h = lm.model.model.layers[L].mlp.down_proj.register_forward_hook(
+            lambda m, a, out: got.__setitem__("k", a[0][0, pos].detach()))
+        try:
+            with torch.no_grad():
+                lm.model(input_ids=ids)
+        finally:
+            h.remove()
+        keys.append(got["k"])
+    K = torch.stack(keys).double()
+    k_types = (K[0] + K[1:3].mean(0) + K[3:6].mean(0)) / 3
+    k_flat = K.mean(0)
+    memit.clear_caches()
+    rome.clear_caches()
+    seen = _spy_compute_v(monkeypatch)
+    w = 64.0
+    hp = MEMITHparams(layers=(L,), v_num_grad_steps=3, mom2_update_weight=w,
+                      context_template_length_params=params)
+    edit = memit.apply(lm, [TORONTO], hp)
+    edit.restore()
+    (v,) = seen
+    dW = edit.deltas[f"model.layers.{L}.mlp.down_proj.weight"].double()
+    s = K.pow(2).sum(-1).mean() / K.shape[-1]  # steamviz's C = s I without a corpus
+    d = v.delta.double()
+
+    def expect(k):
+        return torch.outer(d, k) / (w * s + k @ k)
+
+    torch.testing.assert_close(dW, expect(k_types), rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(dW, expect(k_flat), rtol=1e-2, atol=0)

@@ -122,3 +122,61 @@ def test_recall_rules_nest_and_the_cache_survives_a_torn_line(tokenizer, tmp_pat
         fh.write('["s0 is a city in", "Jap')
     anchors.clear_caches()
     assert anchors.recalled(tiny, facts, rule="top3") == t3  # read back, torn line skipped
+
+
+def _pararel(tmp_path):
+    """A two-relation ParaRel folder laid out like the release."""
+    root = tmp_path / "pararel"
+    (root / "trex_lms_vocab").mkdir(parents=True)
+    (root / "pattern_data" / "graphs_json").mkdir(parents=True)
+    facts = {"P30": [(f"Place{i}", ["Asia", "Europe", "Africa"][i % 3]) for i in range(30)],
+             "P37": [(f"Land{i}", "French") for i in range(10)]}
+    pats = {"P30": ["[X] is located in [Y] .", "[Y] holds [X] .",
+                    "[X] is a part of the continent of [Y] ."],
+            "P37": ["The official language of [X] is [Y] .", "[X] speaks [Y] ."]}
+    for rel, fs in facts.items():
+        (root / "trex_lms_vocab" / f"{rel}.jsonl").write_text(
+            "".join(json.dumps(dict(sub_label=s, obj_label=o)) + "\n" for s, o in fs))
+        (root / "pattern_data" / "graphs_json" / f"{rel}.jsonl").write_text(
+            "".join(json.dumps(dict(pattern=p)) + "\n" for p in pats[rel]))
+    return root
+
+
+def test_pattern_choice_takes_the_pattern_the_model_completes_best(tokenizer, tmp_path,
+                                                                    monkeypatch):
+    from conftest import build_tiny
+
+    from steamviz import anchors
+    from steamviz.datasets import load_pararel, pararel_patterns
+
+    tiny = build_tiny("llama", tokenizer)
+    root = _pararel(tmp_path)
+    assert pararel_patterns(root) == {  # "[Y] holds [X]" does not end with the object
+        "P30": ["{} is located in", "{} is a part of the continent of"],
+        "P37": ["The official language of {} is", "{} speaks"]}
+    seen = []
+
+    def fake(lm, fs, rule="greedy", **kw):  # recalls only after the continent pattern
+        seen.extend(fs)
+        return [f.template.endswith("continent of") and (rule != "greedy" or f.object != "Africa")
+                for f in fs]
+
+    monkeypatch.setattr(anchors, "recalled", fake)
+    excluded = {"Place0", "Place1", "Land3"}
+    ch = pool.choose_patterns(tiny, n=12, folder=root, exclude_subjects=excluded)
+    assert ch["P30"]["template"] == "{} is a part of the continent of"
+    assert ch["P30"]["recalled"] == 8 and ch["P30"]["top10"] == 12 and ch["P30"]["n"] == 12
+    assert ch["P30"]["scores"][0] == ("{} is located in", 0, 0)
+    assert ch["P37"]["template"] == "The official language of {} is"  # a tie: file order
+    assert ch["P37"]["n"] == 9
+    assert not {f.subject for f in seen} & excluded  # evaluated subjects never probed
+    # one object at a time: 12 of 28 facts, 4 per continent
+    from collections import Counter
+
+    probe = {f for f in seen if f.template == "{} is located in"}
+    assert Counter(f.object for f in probe) == {"Asia": 4, "Europe": 4, "Africa": 4}
+    assert pool.choose_patterns(tiny, n=12, folder=root, exclude_subjects=excluded) == ch
+    facts = load_pararel(root, templates={r: c["template"] for r, c in ch.items()})
+    assert {f.template for f in facts if f.relation == "P30"} == {"{} is a part of the continent of"}
+    with pytest.raises(ValueError, match="not one of its usable patterns"):
+        load_pararel(root, templates={"P30": "{} holds"})

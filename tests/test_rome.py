@@ -253,3 +253,40 @@ def test_subject_is_located_from_the_template_not_by_search(tokenizer, monkeypat
     torch.testing.assert_close(k_all, k_ref)
     assert not torch.allclose(k_all[1], rome._keys_and_outputs(
         lm, 1, ["Toronto is big. " + REQ.rewrite_prompt], ["Toronto"])[0][0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # the lean forward, the model's modules
+def test_batched_target_vectors_equal_one_at_a_time(tokenizer, arch):
+    """compute_vs: several objectives of one request (plain ROME, STEAM at two lambdas, one
+    centred) in one optimisation give each one's own compute_v result; a group that stops
+    early keeps its delta while the others go on."""
+    from conftest import build_tiny
+
+    from steamviz.steam import AlignLoss
+
+    lm = build_tiny(arch, tokenizer)
+    req = EditRequest(prompt="The capital city of {} is", subject="France", target_new="Rome",
+                      target_true="Paris")
+    g = torch.Generator().manual_seed(1)
+    phi = torch.randn(2, 64, generator=g)
+    aligns = [None,
+              AlignLoss(lam=5.0, layers=[2, 3], phi=phi),
+              AlignLoss(lam=0.0, layers=[3], phi=phi[:1]),
+              AlignLoss(lam=20.0, layers=[2, 3], phi=phi, center=torch.randn(2, 64, generator=g))]
+    base = ROMEHparams(layer=1, v_num_grad_steps=6, **FAST)
+    prep = rome.prepare(lm, req, base, use_cache=False)
+    first = rome.compute_v(lm, prep, base).losses
+    # stop plain ROME after its third step; the others run on
+    stop = dict(early_stop_loss=(first[2]["loss"] + first[3]["loss"]) / 2)
+    for hp, early in [(base, "rome"), (base.replace(**stop), "rome"), (base.replace(**stop), "total")]:
+        many = rome.compute_vs(lm, prep, hp, aligns, early_stop_on=early)
+        for a, got in zip(aligns, many):
+            one = rome.compute_v(lm, prep, hp, align=a, early_stop_on=early)
+            assert got.steps == one.steps
+            assert [r.keys() for r in got.losses] == [r.keys() for r in one.losses]
+            for x, y in zip(got.losses, one.losses):
+                assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
+            torch.testing.assert_close(got.delta, one.delta, rtol=1e-3, atol=1e-4)
+            assert (got.delta - one.delta).norm() <= 1e-4 * one.delta.norm()
+    stopped = rome.compute_vs(lm, prep, base.replace(**stop), aligns, early_stop_on="total")
+    assert stopped[0].steps == 3 and max(v.steps for v in stopped) > 3  # groups stopped apart

@@ -239,3 +239,172 @@ def test_kv_cache_carries_the_subject_over(lm, france):
     rome = token_ids(lm, " Rome")[0]
     assert int(full.argmax()) == int(step.argmax()) == rome
     assert torch.allclose(full, step, atol=1e-3)
+
+
+# -- issue 18.4: the subject from the template's slot -----------------------------------------
+@pytest.mark.model
+def test_subject_references_sit_at_the_slot(lm):
+    """A context prefix that names the subject ("Toronto is big. {}") and the old-object
+    prompts (the rewrite prompt, then the question): the subject gate's reference token is
+    the question's slot, not the subject's first mention."""
+    req = _toronto()
+    hp = sake.SAKEHparams(prefixes=("Toronto is big. {}",), **FAST).resolved(lm)
+    fit = sake.fit_prompts(lm, req, hp, negatives=dict(near=["x"], other=["y"]))
+    facts = {p.text: p for p in fit.of("fact")}
+    pos = dict(zip(facts, sake.subject_positions(lm, req, list(facts.values()))))
+    n0 = len(lm.prefix_ids)
+
+    def last_token(text, upto):  # index of the token that ends text[:upto]
+        return n0 + len(token_ids(lm, text[:upto])) - 1
+
+    q = req.rewrite_prompt
+    ctx = "Toronto is big. " + q
+    assert facts[ctx].question == q and facts[ctx].subject_start == 16 + 12
+    assert pos[ctx] == last_token(ctx, 16 + 12 + 7) > last_token(ctx, 7)
+    old = f"{q} Canada? No, that is outdated. {q}"
+    assert facts[old].subject_start == len(old) - len(q) + 12
+    assert pos[old] == last_token(old, len(old) - len(q) + 12 + 7) > last_token(old, 12 + 7)
+    assert pos[q] == last_token(q, 12 + 7)
+    alone = {p.text: p for p in fit.of("alone")}
+    assert sake.subject_positions(lm, req, [alone["I mean Toronto"]]) == [
+        last_token("I mean Toronto", 14)]
+
+
+# -- issue 18.1: the fit never reads an evaluation prompt -------------------------------------
+def _norm(s):
+    return " ".join(s.split()).lower()
+
+
+def _tail(a, b):
+    return a.endswith(b) and (len(a) == len(b) or not a[-len(b) - 1].isalnum())
+
+
+def _evaluation_prompts(req):
+    """What steamviz.metrics.evaluate reads, but the rewrite prompt (efficacy reads the edit
+    itself): written out here, independently of sake.evaluation_prompts."""
+    from steamviz.metrics import generation_prompts
+
+    return (req.paraphrase_prompts + req.neighborhood_prompts + req.portability_prompts
+            + generation_prompts(req))
+
+
+def _leaks(lm, req, fit) -> list:
+    """Fit prompts that read an evaluation prompt: the same text, or the same question (the
+    bare prompt behind a context prefix or a preamble)."""
+    rw = _norm(req.rewrite_prompt)
+    evals = {_norm(p) for p in _evaluation_prompts(req)} - {rw}
+    bad = []
+    for p in fit.prompts:
+        t, q = _norm(p.text), _norm(p.question)
+        assert _tail(t, q), p  # the question is what the prompt ends with
+        if t in evals:
+            bad.append((p.text, "same text"))
+        elif q != rw and any(_tail(e, q) or _tail(q, e) for e in evals):
+            bad.append((p.text, "same question"))
+        elif any(_tail(t, e) for e in evals) and not _tail(t, rw):
+            bad.append((p.text, "ends with an evaluation prompt"))
+    return bad
+
+
+def _check_disjoint(lm, requests):
+    from steamviz.datasets import load_reference_facts
+
+    try:
+        facts = load_reference_facts()
+    except Exception:
+        facts = None
+    hp = sake.SAKEHparams().resolved(lm)  # the defaults apply uses
+    assert not hp.use_paraphrases
+    n_fit = 0
+    for req in requests:
+        fit = sake.fit_prompts(lm, req, hp, facts=facts)  # what sake.apply fits on
+        assert req.rewrite_prompt in fit.texts("fact")  # the request itself is used
+        assert fit.of("near") and fit.of("other") and fit.of("alone")
+        assert _leaks(lm, req, fit) == [], req.case_id
+        n_fit += len(fit.prompts)
+    return n_fit
+
+
+@pytest.mark.model
+def test_fit_and_evaluation_prompts_are_disjoint_on_the_default_set(lm):
+    from steamviz.datasets import load_named
+
+    reqs = load_named("default")
+    assert len(reqs) >= 100
+    _check_disjoint(lm, reqs)
+
+
+@pytest.mark.model
+def test_fit_and_evaluation_prompts_are_disjoint_on_counterfact(lm):
+    from conftest import data_missing
+
+    why = data_missing("counterfact")
+    if why:
+        pytest.skip(why)
+    from steamviz.datasets import load_named
+
+    reqs = load_named("counterfact", 8)
+    assert len(reqs) == 8
+    _check_disjoint(lm, reqs)
+
+
+def test_held_out_rules():
+    """Which prompts the fit may read, on a hand-made request."""
+    req = EditRequest(prompt="The city of {} is located in the country of", subject="Toronto",
+                      target_new="Japan", target_true="Canada",
+                      paraphrase_prompts=["Lots of snow there. Toronto is a city in",
+                                          "Toronto is located in the country of"],
+                      neighborhood_prompts=["The city of Montreal is located in the country of"],
+                      neighborhood_answers=["Canada"],
+                      portability_prompts=["The currency used in Toronto is the"],
+                      portability_answers=["Japanese yen"], relation_id="city_country")
+    held = sake.HeldOut(req)
+    assert req.rewrite_prompt not in held.prompts
+    assert held.reads(req.rewrite_prompt) is None  # the request itself
+    assert held.reads("Fun fact: " + req.rewrite_prompt, req.rewrite_prompt) is None
+    assert held.reads("toronto  IS located in the country of ")  # normalised text
+    assert held.reads("Fun fact: Toronto is a city in", "Toronto is a city in")  # preamble
+    assert held.reads("The currency used in Toronto is the")  # a portability prompt
+    assert held.reads("The city of Montreal is located in the country of")
+    assert held.reads("Toronto is a city in the state of") is None
+    hp = sake.SAKEHparams(**TINY)
+    # of the relation's templates, "{} is located in the country of" is a paraphrase and
+    # "{} is a city in" the question of one (behind its preamble)
+    kept = "Toronto is a city in the country of"
+    assert sake.base_prompts(req, hp) == [req.rewrite_prompt, kept]
+    neg = sake.negative_prompts(req, hp)
+    assert "The currency used in Toronto is the" not in neg["other"]
+    assert not any("Montreal" in p for p in neg["near"] + neg["other"])
+    # opting in: the request's paraphrases are fitted on (the paraphrase score in-sample)
+    both = sake.base_prompts(req, hp.replace(use_paraphrases=True))
+    assert set(req.paraphrase_prompts) <= set(both)
+    assert sake.base_prompts(req, hp, exclude=[kept]) == [req.rewrite_prompt]  # e.g. a batch's
+
+
+def test_apply_reads_exactly_the_fit_prompts(tokenizer, monkeypatch):
+    """Every prompt apply runs through the model comes from fit_prompts (the function the
+    disjointness tests check), and info["held_out"] says what was left out."""
+    from conftest import build_tiny
+
+    lm = build_tiny("llama", tokenizer)
+    req = _toronto()
+    req.portability_prompts, req.portability_answers = (
+        ["The currency used in Toronto is the"], ["Japanese yen"])
+    hp = sake.SAKEHparams(**TINY)
+    seen = []
+    states = sake._states
+
+    def spy(lm_, prompts, *a, **kw):
+        seen.extend(prompts)
+        return states(lm_, prompts, *a, **kw)
+
+    monkeypatch.setattr(sake, "_states", spy)
+    with sake.apply(lm, req, hp) as e:
+        fit = sake.fit_prompts(lm, req, hp.resolved(lm))
+        assert sorted(set(seen)) == sorted(set(fit.texts()))
+        assert e.info["n_prompts"] == len(fit.of("fact"))
+        held = e.info["held_out"]
+        assert held["n_dropped"] == len(fit.dropped) > 0
+        assert set(held["reads"]) <= set(sake.evaluation_prompts(req))
+        assert "The currency used in Toronto is the" in held["reads"]
+    assert not any(_norm(p) in {_norm(x) for x in sake.evaluation_prompts(req)} for p in seen)

@@ -26,7 +26,22 @@ def test_bad_config_is_refused_naming_the_key():
         SweepConfig.from_dict({"lams": ["big"]})
     with pytest.raises(ConfigError, match="'hparams'"):
         SweepConfig.from_dict({"hparams": {"v_lrr": 1}})
+    with pytest.raises(ConfigError, match="'pararel_patterns': \"first\", \"best\" or the path"):
+        SweepConfig.from_dict({"pararel_patterns": "last"})
     SweepConfig.from_dict(SMALL)
+
+
+def test_pararel_patterns_from_a_file(tmp_path):
+    from steamviz.sweep import Runner
+
+    f = tmp_path / "patterns.json"
+    f.write_text(json.dumps({"P30": "{} is a part of the continent of"}))
+    cfg = SweepConfig.from_dict(dict(SMALL, pararel_patterns=str(f)))
+    runner = Runner.__new__(Runner)  # no model needed to read the file
+    runner.cfg = cfg
+    assert runner.pararel_templates() == {"P30": "{} is a part of the continent of"}
+    runner.cfg = SweepConfig.from_dict(SMALL)
+    assert runner.pararel_templates() is None  # "first": the pool's own default
 
 
 def test_grid_points():
@@ -180,3 +195,35 @@ def test_memit_takes_its_own_hyperparameters_as_keywords(tokenizer):
         e.restore()
     with pytest.raises(ValueError, match="layers=\\[3, 9\\]: block indices must lie in 0..3"):
         edit(tiny, req, "memit", layers=[3, 9])
+
+
+@pytest.mark.model
+def test_sweep_optimises_a_requests_objectives_together(tmp_path, lm, monkeypatch):
+    """A sweep computes the target vectors of one request's ROME and STEAM points in one
+    batched optimisation (#20), and each row equals its own one-at-a-time edit."""
+    from steamviz import rome
+    from steamviz.editors import edit
+    from steamviz.sweep import Runner
+
+    calls = []
+    real = rome.compute_vs
+
+    def spy(lm_, prep, hp, aligns=(None,), *a, **k):
+        calls.append(len(list(aligns)))
+        return real(lm_, prep, hp, aligns, *a, **k)
+
+    monkeypatch.setattr(rome, "compute_vs", spy)
+    rome.clear_caches()
+    cfg = SweepConfig.from_dict(dict(SMALL, n_edits=1, lams=[5.0, 50.0], include_unedited=False))
+    df = run_sweep(cfg, tmp_path / "run", lm=lm, progress=False, log=lambda s: None)
+    assert calls == [3] and len(df) == 3  # ROME, lambda 5, lambda 50: one optimisation
+    r = Runner(cfg, lm=lm)
+    req = r.requests()[0]
+    for p in grid(cfg, r.hp.layer):
+        row = df[(df.method == p["method"]) & (df.lam.fillna(-1) == (p["lam"] or -1))].iloc[0]
+        rome.clear_caches()
+        with edit(lm, req, p["method"], **r.edit_kwargs(p, [req])) as e:
+            one = e.info["losses"][-1]
+        assert row.steps == e.info["steps"]
+        assert row.final_nll == pytest.approx(one["nll"], rel=1e-3, abs=1e-4)
+    assert calls[1:] == [1, 1, 1]

@@ -56,3 +56,184 @@ def test_run_button_adds_a_point():
     assert 100.0 in p.slider.options and p.slider.value == 100.0
     assert np.allclose(np.array(p.cos_fig.data[2].y), 0.9)
     assert len(p.df) == len(_rows()) + 2 and "100" in p.status.value
+
+
+# --- issue 21.1: every trace follows every control ---------------------------------------
+# Rows are written to and read back from a real run store (steamviz.sweep.Store), with a
+# distinct random value in every row, so a trace left at an earlier selection, or averaging
+# rows of another grid point, cannot match the summary computed here from the rows.
+
+METRICS = ["efficacy", "paraphrase", "neighborhood", "portability", "knn_share"]
+N_LAYERS = 12
+
+
+def _stored_rows(tmp_path, layers, lams, aligns=("default",), centereds=(False,),
+                 skipped_at=None):
+    import itertools
+
+    from steamviz.sweep import Store
+
+    rng = np.random.default_rng(0)
+
+    def measured():
+        return dict(cos_centered_layers=[round(float(x), 6) for x in rng.uniform(-1, 1, N_LAYERS)],
+                    **{m: round(float(rng.uniform()), 6) for m in METRICS})
+
+    points = [dict(method="unedited", layer=None, lam=None, align_layers=None, centered=None)]
+    points += [dict(method="rome", layer=L, lam=None, align_layers=None, centered=None)
+               for L in layers]
+    points += [dict(method="steam-rome", layer=L, lam=float(lam), align_layers=al, centered=c)
+               for L, lam, al, c in itertools.product(layers, lams, aligns, centereds)]
+    store = Store(tmp_path / "run", writer=True)
+    try:
+        n = 0
+        for point in points:
+            row_point = {k: json.dumps(v) if isinstance(v, list) else v for k, v in point.items()}
+            for case in range(3):
+                store.put(f"k{n:04d}", dict(case_id=case, relation_id="P17", **measured(),
+                                            **row_point))
+                n += 1
+            if skipped_at is not None and all(point.get(k) == v for k, v in skipped_at.items()):
+                # an edit with no anchor: stored, but without any metric
+                store.put(f"k{n:04d}", dict(case_id=3, relation_id="P17", skipped="no anchor",
+                                            **row_point))
+                n += 1
+    finally:
+        store.close()
+    return Store(tmp_path / "run").frame()
+
+
+def _expected(rows: pd.DataFrame, sel: dict) -> dict:
+    """Per trace, what it must show: means over the stored rows that match ``sel`` (grid
+    column -> value), computed with a groupby, independently of the panel's code."""
+
+    def lookup(d, cols):
+        if not cols:
+            return d
+        return d.groupby(cols).get_group(tuple(sel[c] for c in cols))
+
+    def line(d):
+        vecs = [v for v in d.cos_centered_layers if isinstance(v, list)]
+        return np.mean(np.array(vecs, dtype=float), axis=0)
+
+    def bars(d):
+        return d[METRICS].mean().to_numpy()
+
+    steam = lookup(rows[rows.method == "steam-rome"], sorted(sel))
+    rome = lookup(rows[rows.method == "rome"], ["layer"] if "layer" in sel else [])
+    unedited = rows[rows.method == "unedited"]
+    return dict(lines={"unedited": line(unedited), "ROME": line(rome), "STEAM-ROME": line(steam)},
+                bars={"ROME": bars(rome), "STEAM-ROME": bars(steam)})
+
+
+def _check(panel, rows, sel):
+    want = _expected(rows, sel)
+    lines = {t.name: np.array(t.y, dtype=float) for t in panel.cos_fig.data}
+    assert set(lines) == set(want["lines"]), lines.keys()
+    for name, y in want["lines"].items():
+        assert np.allclose(lines[name], y, atol=1e-9), (sel, name)
+    bars = {t.name: t for t in panel.metrics_fig.data}
+    assert set(bars) == set(want["bars"]), bars.keys()
+    for name, y in want["bars"].items():
+        assert list(bars[name].x) == METRICS
+        assert np.allclose(np.array(bars[name].y, dtype=float), y, atol=1e-9), (sel, name)
+    # no band traces in this panel: every trace is a line or a bar group checked above
+    assert len(panel.cos_fig.data) == 3 and len(panel.metrics_fig.data) == 2
+
+
+def test_layer_slider_moves_every_trace_notebook_04(tmp_path):
+    # notebook 04: the edited-layer slider used to move only the STEAM traces; the ROME
+    # line and bars kept the first layer's values
+    rows = _stored_rows(tmp_path, layers=[3, 7], lams=[50.0])
+    p = SweepExplorer(rows, axis="layer")
+    assert list(p.slider.options) == [3, 7]
+    _check(p, rows, {"layer": 3})
+    for layer in (7, 3, 7):
+        p.slider.value = layer
+        _check(p, rows, {"layer": layer})
+
+
+def test_lambda_slider_moves_every_trace_notebook_03(tmp_path):
+    rows = _stored_rows(tmp_path, layers=[5], lams=[10.0, 50.0])
+    p = SweepExplorer(rows, axis="lam")
+    for lam in (50.0, 10.0):
+        p.slider.value = lam
+        _check(p, rows, {"lam": lam})
+
+
+def test_every_control_selects_the_rows_of_every_trace(tmp_path):
+    # lambda x edited layer x alignment-layer set x centring, one skipped edit: whichever
+    # axis the slider has, every other grid column has a control, and every trace shows the
+    # rows of the current value of every control
+    rows = _stored_rows(tmp_path, layers=[3, 7], lams=[10.0, 50.0],
+                        aligns=("default", [8, 9]), centereds=(False, True),
+                        skipped_at=dict(method="steam-rome", layer=7, lam=50.0,
+                                        align_layers=[8, 9], centered=True))
+    for axis in ("lam", "layer"):
+        p = SweepExplorer(rows, axis=axis)
+        assert set(p.controls) == {"lam", "layer", "align_layers", "centered"}
+        assert p.controls[axis] is p.slider and p.controls["align_layers"] is p.layer_set
+        assert list(p.layer_set.options) == ["default", "[8, 9]"]
+
+        def sel():
+            return {c: w.value for c, w in p.controls.items()}
+
+        _check(p, rows, sel())
+        for w in p.controls.values():  # move each control through its values, twice
+            for v in list(w.options)[::-1] + list(w.options):
+                w.value = v
+                _check(p, rows, sel())
+        # each control ended at its last value: the grid point holding the skipped edit
+        assert sel() == dict(lam=50.0, layer=7, align_layers="[8, 9]", centered=True)
+        assert "STEAM-ROME 3 (+1 skipped)" in p.counts.value
+
+
+def test_run_point_is_computed_at_the_selection_of_the_other_controls(tmp_path):
+    rows = _stored_rows(tmp_path, layers=[3, 7], lams=[10.0, 50.0],
+                        aligns=("default", [8, 9]), centereds=(False, True))
+    seen = []
+
+    class HP:
+        layer = 3
+
+    class FakeRunner:
+        hp = HP()
+
+        def run_point(self, req, point):
+            seen.append(point)
+            return dict(point, align_layers=json.dumps(point["align_layers"]), efficacy=1.0,
+                        paraphrase=0.9, neighborhood=0.5, portability=0.5, knn_share=0.3,
+                        cos_centered_layers=[0.9] * N_LAYERS)
+
+    class Req:
+        case_id = "x"
+
+    p = SweepExplorer(rows, runner=FakeRunner(), requests=[Req()], axis="lam")
+    p.controls["layer"].value = 7
+    p.layer_set.value = "[8, 9]"
+    p.controls["centered"].value = True
+    p.new_value.value = 100.0
+    p.run_button.click()
+    assert seen == [dict(method="steam-rome", layer=7, lam=100.0, align_layers=[8, 9],
+                         centered=True)]
+    assert p.slider.value == 100.0 and np.allclose(np.array(p.cos_fig.data[2].y), 0.9)
+    _check(p, p.df, {c: w.value for c, w in p.controls.items()})
+
+
+def test_resumed_sweep_progress_bar_counts_the_points_done(capsys):
+    from steamviz.sweep import _progress_bar
+
+    bar = _progress_bar(6, 0)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "resumed: 6 of 6 points done" in err and "6/6" in err and "0/0" not in err
+    bar = _progress_bar(6, 4)
+    start = capsys.readouterr().err
+    bar.update(4)
+    bar.close()
+    end = capsys.readouterr().err
+    assert "2 of 6" in start and "2/6" in start and "6/6" in end
+    bar = _progress_bar(6, 6)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "resumed" not in err and "0/6" in err
