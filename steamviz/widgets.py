@@ -120,7 +120,13 @@ class SweepExplorer:
                           else W.Dropdown(options=["default"], disabled=True,
                                           description=_CONTROLS["align_layers"]))
         start = float(max(values))
-        self.new_value = W.FloatText(value=start * 2 if start else 10.0,
+        if axis == "lam":
+            first = start * 2 if start else 10.0
+        else:  # an edit layer the sweep does not have yet, inside the model
+            n = getattr(getattr(runner, "lm", None), "n_layers", None)
+            free = [x for x in range(n - 1) if x not in {int(v) for v in values}] if n else []
+            first = float(free[len(free) // 2]) if free else start + 1
+        self.new_value = W.FloatText(value=first,
                                      description="new λ" if axis == "lam" else "new layer")
         self.run_button = W.Button(description="run point", icon="play",
                                    disabled=runner is None or requests is None)

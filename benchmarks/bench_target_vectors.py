@@ -1,0 +1,47 @@
+"""Batched target vectors: 8 STEAM-ROME objectives of one request optimised together
+(:func:`steamviz.rome.compute_vs`) vs one at a time (:func:`steamviz.rome.compute_v`).
+
+Same request (the first default edit), same prepared rows, lambdas 1 ... 200, default
+alignment layers, 25 steps each (no early stop), float32. Baseline: the 8 objectives one
+after the other, in the same run. Run: python benchmarks/bench_target_vectors.py.
+Last line: the ratio batched / one at a time.
+"""
+
+import time
+
+import torch
+
+from steamviz import rome, steam
+from steamviz.anchors import build_anchor
+from steamviz.datasets import load_named
+from steamviz.models import load_model
+
+LAMS = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0]
+
+
+def main():
+    torch.manual_seed(0)
+    lm = load_model(device="cpu")
+    req = load_named("default", 1)[0]
+    hp = rome.ROMEHparams.for_model(lm).replace(early_stop_loss=0.0)
+    prep = rome.prepare(lm, req, hp)
+    anchor = build_anchor(lm, req.target_new, exclude_subjects=(req.subject,))
+    layers = steam.default_layers(lm, hp.layer)
+    aligns = [steam.make_align(lm, anchor, lam, layers) for lam in LAMS]
+    rome.compute_v(lm, prep, hp.replace(v_num_grad_steps=2), align=aligns[0])  # warm-up
+    t = time.perf_counter()
+    one = [rome.compute_v(lm, prep, hp, align=a) for a in aligns]
+    single = time.perf_counter() - t
+    t = time.perf_counter()
+    many = rome.compute_vs(lm, prep, hp, aligns)
+    batched = time.perf_counter() - t
+    worst = max(float((m.delta - o.delta).norm() / o.delta.norm()) for m, o in zip(many, one))
+    print(f"{len(LAMS)} target vectors, {hp.v_num_grad_steps} steps, rows "
+          f"{tuple(prep.h_suffix.shape[:2])}: one at a time {single:.1f} s, batched "
+          f"{batched:.1f} s; largest relative difference {worst:.1e}")
+    print("ratio batched / one at a time:")
+    print(f"{batched / single:.3f}")
+
+
+if __name__ == "__main__":
+    main()
