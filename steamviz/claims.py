@@ -47,6 +47,8 @@ class ClaimsConfig:
     max_new_tokens: int = 20
     bank_size: int = 2000
     recall_rule: str = "greedy"  # which reference facts count as known (anchors.recall_rule_ok)
+    # candidate facts per relation for objects short of an anchor (pool.widen; 0: off)
+    widen_to: int = 400
     # ParaRel pattern per relation: "best" (pool.choose_patterns, on subjects not evaluated
     # here) or "first" (the file's first usable one)
     pararel_patterns: str = "best"
@@ -77,13 +79,14 @@ def verdict(kind: str, low: float, high: float, margin: float = 0.0) -> str:
             else "inconclusive")
 
 
-def _anchored(lm, requests, seeds, facts, n: int, log, rule: str = "greedy"
-              ) -> tuple[list, dict]:
+def _anchored(lm, requests, seeds, facts, n: int, log, rule: str = "greedy",
+              widen_to: int = 400) -> tuple[list, dict]:
     """The first ``n`` requests whose new object has an anchor for every seed (the others
     excluded from anchors as in the run), and the reasons of those without one."""
     from .references import build_references
 
     refs = build_references(lm, requests, seeds=tuple(seeds), facts=facts, n_control=0,
+                            widen_to=widen_to,
                             anchor_kw={} if rule == "greedy" else {"recall_rule": rule})
     keep, why = [], {}
     for r in requests:
@@ -154,8 +157,10 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print) -> pd.DataFrame:
         patterns = str(run / "pararel_patterns.json")
         write_json(Path(patterns), templates)
     facts = load_pool(pararel_templates=templates)
-    cf, cf_why = _anchored(lm, cf, cfg.seeds, facts, cfg.n_cf, log, cfg.recall_rule)
-    port, port_why = _anchored(lm, port, cfg.seeds, facts, cfg.n_port, log, cfg.recall_rule)
+    cf, cf_why = _anchored(lm, cf, cfg.seeds, facts, cfg.n_cf, log, cfg.recall_rule,
+                           cfg.widen_to)
+    port, port_why = _anchored(lm, port, cfg.seeds, facts, cfg.n_port, log, cfg.recall_rule,
+                               cfg.widen_to)
     lam_c = cfg.centred_lam if cfg.centred_lam is not None else tune_centred_lambda(
         lm, cfg, run, log)
     frames = {}
@@ -164,7 +169,8 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print) -> pd.DataFrame:
         base = dict(data=data, n_edits=len(reqs), anchor_seeds=list(cfg.seeds),
                     reference_facts="pool", generation=gen, max_new_tokens=cfg.max_new_tokens,
                     hparams=dict(cfg.hparams), bank_size=cfg.bank_size,
-                    recall_rule=cfg.recall_rule, pararel_patterns=patterns)
+                    recall_rule=cfg.recall_rule, pararel_patterns=patterns,
+                    widen_to=cfg.widen_to)
         raw = SweepConfig.from_dict(dict(base, methods=["rome", "steam-rome"],
                                          lams=[float(x) for x in cfg.lams], centered=[False]))
         cen = SweepConfig.from_dict(dict(base, methods=["steam-rome"], lams=[float(lam_c)],

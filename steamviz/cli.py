@@ -158,28 +158,24 @@ def _sweep(args) -> int:
 
 def _figures(args) -> int:
     from . import figures
-    from .sweep import Store, summarize
+    from .sweep import Store
 
     run = Path(args.run)
     df = Store(run).frame()
     if df.empty:
         print(f"steamviz figures: no results in {run}/points", file=sys.stderr)
         return 2
-    out = run / "figures"
-    made = {
-        "layer_cosine": figures.layer_cosine(df),
-        "tradeoff": figures.tradeoff(summarize(df)),
-    }
-    if (df.method == "rome").any() and "cos_centered_layers" in df.columns:
-        try:
-            made["paired_layer_difference"] = figures.paired_layer_difference(df)
-        except ValueError as e:  # e.g. ROME at several edited layers: no single baseline
-            print(f"steamviz figures: no paired-difference figure: {e}")
-    if (df.method == "steam-rome").any() and df.lam.dropna().nunique() >= 1:
-        made["lambda_layer_heatmap"] = figures.lambda_layer_heatmap(df)
+    out = Path(args.out) if args.out else run / "figures"
+    made = figures.sweep_figures(df, log=lambda m: print(f"steamviz figures: {m}"))
+    if args.replay:
+        from .replay import replay_figures
+
+        made.update(replay_figures(run, map_method=args.map, device=args.device,
+                                   log=lambda m: print(f"steamviz figures: {m}")))
     formats = tuple(args.formats.split(","))
     for name, fig in made.items():
-        paths = figures.export(fig, out / name, formats=formats)
+        paths = figures.export(fig, out / name, formats=formats, size=args.size,
+                               scale=args.scale)
         print("wrote", ", ".join(str(p) for p in paths))
     return 0
 
@@ -435,6 +431,18 @@ def main(argv=None) -> int:
     f = sub.add_parser("figures", help="write the figures of a sweep run folder")
     f.add_argument("run")
     f.add_argument("--formats", default="html,png,pdf,svg")
+    f.add_argument("--out", default=None, help="folder for the figures (default: RUN/figures)")
+    f.add_argument("--size", choices=["two_column", "one_column"], default="two_column",
+                   help="paper width of PNG/PDF/SVG (HTML stays responsive)")
+    f.add_argument("--scale", type=float, default=2.0, help="PNG pixels per layout pixel")
+    f.add_argument("--replay", action="store_true",
+                   help="also the figures that need the model: re-apply the run's ROME and "
+                        "STEAM edits (same config, same references) and draw the latent map "
+                        "of each edit and the logit lens (minutes on a CPU)")
+    f.add_argument("--map", choices=["pca", "umap"], default="pca",
+                   help="with --replay: the latent map's projection")
+    f.add_argument("--device", default=None, help="with --replay: the model's device "
+                   "(default: the run's)")
     f.set_defaults(fn=_figures)
     q = sub.add_parser("claims", help="STEAM's claims on public data: paired effects, CIs, "
                                       "verdicts (resumable)")

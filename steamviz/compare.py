@@ -146,3 +146,89 @@ def paired_layers(df: pd.DataFrame, col: str, baseline: str = "rome", n_boot: in
             mean, lo, hi = ci_mean(D[:, layer], n_boot=n_boot, seed=seed)
             out.append(dict(point, layer_index=layer, n=len(D), diff=mean, low=lo, high=hi))
     return pd.DataFrame(out)
+
+
+#: how :func:`sentences` names a metric
+METRIC_NAMES = {
+    "cos_centered": "centred cosine to the anchor (held out, mean over the alignment layers)",
+    "cos_centered_control": "the same cosine to control anchors",
+    "cos_centered_trained": "centred cosine to the anchor on the rewrite prompt (trained)",
+    "efficacy": "efficacy", "paraphrase": "paraphrase success",
+    "neighborhood": "neighbourhood preserved", "portability": "portability",
+    "knn_share": "kNN share (held out)", "axis": "old→new axis position (held out)",
+}
+
+
+def _point_name(row) -> str:
+    from .editors import display
+
+    d = display(row["method"])
+    lam = row.get("lam")
+    if lam is None or (isinstance(lam, float) and np.isnan(lam)) or str(lam) in ("nan", "None"):
+        return d.label
+    cen = " centred" if str(row.get("centered")) == "True" else ""
+    return f"{d.short} λ={float(lam):g}{cen}"
+
+
+def _signed(v: float) -> str:
+    """``+0.012``; a value that rounds to zero is ``+0.000`` (never ``-0.000``)."""
+    v = round(float(v), 3)
+    return f"{v + 0.0:+.3f}"
+
+
+def sentences(df: pd.DataFrame, metrics: Sequence[str], baseline: str = "rome",
+              by: str | None = None, n_boot: int = 10_000, alpha: float = 0.05) -> list[str]:
+    """One sentence per (grid point, metric) of :func:`paired` (the unedited model left
+    out), built from the numbers: the mean paired difference point - ``baseline`` with its
+    95% CI, the number of edits and the sign-flip p, and what they say: "higher" or "lower"
+    when the interval excludes 0 and p < ``alpha``; "no verdict" when the interval excludes
+    0 but there are too few edits for the test (the exact sign-flip p of n edits is at
+    least 2 / 2^n: p < 0.05 takes 6); "no difference shown" when it includes 0. ``by``: a
+    grid column to compare within (e.g. ``"layer"`` when the baseline ran at several
+    edited layers).
+
+    >>> df = pd.DataFrame(dict(case_id=[1, 2, 3, 1, 2, 3], method=["rome"] * 3 + ["steam-rome"] * 3,
+    ...                        lam=[None] * 3 + [20.0] * 3, efficacy=[0, 1, 1, 1, 1, 1]))
+    >>> s = sentences(df, ["efficacy"], n_boot=2000)[0]
+    >>> s.split(" (95%")[0]
+    'STEAM λ=20 − ROME, efficacy: +0.333'
+    >>> s.endswith("the interval includes 0, so these edits show no difference.")
+    True
+    """
+    from .editors import display
+
+    parts = [(None, df)]
+    if by is not None:
+        vals = sorted(df[by].dropna().unique(), key=lambda v: (str(type(v)), v))
+        parts = [(v, df[(df[by] == v) | ((df.method == "unedited") & df[by].isna())])
+                 for v in vals]
+    out = []
+    base = display(baseline).label
+    for v, d in parts:
+        t = paired(d[d.method != "unedited"], metrics, baseline=baseline, n_boot=n_boot)
+        if len(t) and "lam" in t:  # lambdas in ascending order, metrics as asked
+            t = t.assign(_lam=pd.to_numeric(t["lam"], errors="coerce"),
+                         _m=t.metric.map({m: i for i, m in enumerate(metrics)}))
+            t = t.sort_values(["method", "_lam", "_m"], kind="stable")
+        pre = f"At {by} {v:g}: " if isinstance(v, (int, float, np.number)) else (
+            f"At {by} {v}: " if v is not None else "")
+        for _, r in t.iterrows():
+            what = METRIC_NAMES.get(r.metric, r.metric)
+            if r.n == 0:
+                out.append(f"{pre}{_point_name(r)} − {base}, {what}: no paired edits.")
+                continue
+            if r.n < 2:
+                verdict = "one edit gives no interval."
+            elif (r.low > 0 or r.high < 0) and r.p < alpha:
+                verdict = (f"{'higher' if r.low > 0 else 'lower'} with {_point_name(r)} on "
+                           "these edits.")
+            elif r.low > 0 or r.high < 0:
+                verdict = (f"the interval excludes 0, but {r.n} edits are too few for the "
+                           f"sign-flip test (p < {alpha:g} needs "
+                           f"{int(np.ceil(np.log2(2 / alpha)))} or more): no verdict.")
+            else:
+                verdict = "the interval includes 0, so these edits show no difference."
+            out.append(f"{pre}{_point_name(r)} − {base}, {what}: {_signed(r['diff'])} (95% CI "
+                       f"{_signed(r.low)} to {_signed(r.high)}; {r.n} edits, p = {r.p:.2f}): "
+                       f"{verdict}")
+    return out

@@ -11,6 +11,12 @@ many requests at once through :func:`edit_batch`:
 >>> e = edit_batch(lm, requests, "memit")                # one Edit for all   # doctest: +SKIP
 
 Built in: ``rome``, ``steam-rome``, ``memit``, ``steam-memit``, ``sake``, ``baft``, ``kne``.
+
+How figures and panels show a method -- its label and colour -- is the method's row of
+:data:`DISPLAY` (one row per method; ``register(..., label=, color=)`` adds or changes one):
+
+>>> display("steam-rome")
+Display(label='STEAM-ROME', color='#0072B2', short='STEAM')
 """
 
 from __future__ import annotations
@@ -27,22 +33,72 @@ BATCH_METHODS: dict[str, Callable[..., Edit]] = {}
 BUILTIN_MODULES = ("memit", "steam", "sake", "baft", "kne")
 
 
+@dataclasses.dataclass(frozen=True)
+class Display:
+    """How figures and panels show a method: ``label`` (legends), ``color`` (one per method)
+    and ``short`` (the label before a lambda: "STEAM λ=50")."""
+
+    label: str
+    color: str
+    short: str = ""
+
+    def __post_init__(self):
+        if not self.short:
+            object.__setattr__(self, "short", self.label)
+
+
+#: method -> its display row. Colours: the Okabe-Ito palette (Okabe & Ito 2008), which
+#: readers with any common colour-vision deficiency tell apart; the unedited model is grey.
+#: STEAM variants are blues (STEAM-ROME blue, STEAM-MEMIT sky blue); figures draw a STEAM
+#: method's lambda values as shades of its colour (:func:`steamviz.figures.color`).
+DISPLAY: dict[str, Display] = {
+    "unedited": Display("unedited", "#999999"),
+    "rome": Display("ROME", "#D55E00"),               # vermillion
+    "steam-rome": Display("STEAM-ROME", "#0072B2", "STEAM"),  # blue
+    "memit": Display("MEMIT", "#E69F00"),             # orange
+    "steam-memit": Display("STEAM-MEMIT", "#56B4E9"),  # sky blue
+    "sake": Display("SAKE", "#009E73"),               # bluish green
+    "baft": Display("BaFT", "#CC79A7"),               # reddish purple
+    "kne": Display("KNE", "#000000"),                 # black
+}
+#: colours for methods registered without one (Paul Tol's "muted" scheme, also safe)
+_SPARE_COLORS = ("#332288", "#117733", "#44AA99", "#882255", "#AA4499", "#999933")
+
+
+def display(method: str) -> Display:
+    """The display row of ``method`` (a method without a row gets its name as label and a
+    colour no row uses)."""
+    key = str(method).lower()
+    if key in DISPLAY:
+        return DISPLAY[key]
+    used = {d.color.lower() for d in DISPLAY.values()}
+    free = [c for c in _SPARE_COLORS if c.lower() not in used] or list(_SPARE_COLORS)
+    return Display(str(method), free[sum(map(ord, key)) % len(free)])
+
+
 #: method -> (its hyperparameter dataclass, the other keyword arguments it takes)
 PARAMS: dict[str, tuple[type, tuple[str, ...]]] = {}
 #: hyperparameter fields that name blocks (checked against the model's depth)
 LAYER_FIELDS = ("layer", "layers", "subject_layer", "query_layer")
 
 
-def register(name: str, batch: bool = False, params: type | None = None, extra: tuple = ()):
+def register(name: str, batch: bool = False, params: type | None = None, extra: tuple = (),
+             label: str | None = None, color: str | None = None):
     """Decorator: register ``fn(lm, request, **params) -> Edit`` under ``name``; with
     ``batch=True``, ``fn(lm, requests, **params) -> Edit`` for :func:`edit_batch`.
     ``params``: the method's hyperparameter dataclass (its fields are the keyword
-    parameters :func:`check_params` accepts), ``extra``: other keyword arguments."""
+    parameters :func:`check_params` accepts), ``extra``: other keyword arguments.
+    ``label``/``color``: the method's :data:`DISPLAY` row (kept when not given)."""
 
     def deco(fn):
-        (BATCH_METHODS if batch else METHODS)[name.lower()] = fn
+        key = name.lower()
+        (BATCH_METHODS if batch else METHODS)[key] = fn
         if params is not None:
-            PARAMS[name.lower()] = (params, tuple(extra))
+            PARAMS[key] = (params, tuple(extra))
+        if label is not None or color is not None:
+            old = display(key)
+            DISPLAY[key] = Display(label or old.label, color or old.color,
+                                   label or old.short)
         return fn
 
     return deco

@@ -72,6 +72,9 @@ class SweepConfig:
     # which reference facts count as known (steamviz.anchors.recall_rule_ok): "greedy" (the
     # model generates the object) or "topK" (its first token among the K likeliest)
     recall_rule: str = "greedy"
+    # objects of the requests short of an anchor get up to this many candidate facts per
+    # relation (steamviz.pool.widen; each one a recall check on the unedited model); 0: off
+    widen_to: int = 400
     # the ParaRel pattern per relation in the pool: "first" (the file's first usable one),
     # "best" (the one the unedited model completes best on subjects this run does not
     # evaluate: steamviz.pool.choose_patterns), or a JSON file {relation: template}
@@ -138,6 +141,8 @@ class SweepConfig:
         from .anchors import recall_rule_ok
 
         need(recall_rule_ok(self.recall_rule) is None, "recall_rule", '"greedy" or "topK" (K >= 1)')
+        need(isinstance(self.widen_to, int) and not isinstance(self.widen_to, bool)
+             and self.widen_to >= 0, "widen_to", "a non-negative integer (0: no widening)")
         need(isinstance(self.pararel_patterns, str) and (
             self.pararel_patterns in ("first", "best") or Path(self.pararel_patterns).is_file()),
             "pararel_patterns", '"first", "best" or the path of a JSON file {relation: template}')
@@ -402,7 +407,7 @@ class Runner:
             self._references = build_references(
                 self.lm, self.requests(), seeds=self.cfg.seeds, bank_size=self.cfg.bank_size,
                 bank_seed=self.cfg.seed, texts=self.cfg.generation, facts=facts,
-                anchor_kw=({} if self.cfg.recall_rule == "greedy"
+                widen_to=self.cfg.widen_to, anchor_kw=({} if self.cfg.recall_rule == "greedy"
                            else {"recall_rule": self.cfg.recall_rule}))
         return self._references
 

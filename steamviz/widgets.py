@@ -171,14 +171,14 @@ class SweepExplorer:
 
     def _lines(self) -> list[tuple[str, str, pd.DataFrame]]:
         """(trace name, method, rows) of each line of the cosine figure, in trace order."""
-        return [("unedited", "unedited", self._baseline("unedited")),
-                ("ROME", "rome", self._baseline("rome")),
-                ("STEAM-ROME", "steam-rome", self._selected())]
+        return [(figures.label(m), m, d) for m, d in (
+            ("unedited", self._baseline("unedited")), ("rome", self._baseline("rome")),
+            ("steam-rome", self._selected()))]
 
     def _bars(self) -> list[tuple[str, str, pd.DataFrame]]:
         """(trace name, method, rows) of each bar group of the metrics figure."""
-        return [("ROME", "rome", self._baseline("rome")),
-                ("STEAM-ROME", "steam-rome", self._selected())]
+        return [(figures.label(m), m, d) for m, d in (
+            ("rome", self._baseline("rome")), ("steam-rome", self._selected()))]
 
     def _metric_names(self) -> list[str]:
         return [n for n in self.METRICS if n in self.df.columns]
@@ -193,23 +193,28 @@ class SweepExplorer:
 
     def _cos_figure(self) -> go.Figure:
         fig = go.Figure()
-        for name, method, d in self._lines():
+        lines = self._lines()
+        # earlier lines a little wider: ROME's still shows where STEAM's covers it exactly
+        for (name, method, d), w in zip(lines, figures._widths(len(lines))):
             fig.add_trace(go.Scatter(y=_layers_mean(d, self.col), mode="lines", name=name,
-                                     line=dict(color=figures._color(method),
-                                               width=3 if method == "steam-rome" else 2)))
-        fig.update_xaxes(title="layer")
-        fig.update_yaxes(title="centred cosine to anchor")
-        return figures.style(fig)
+                                     line=dict(color=figures.color(method), width=w)))
+        fig.update_xaxes(title=figures.LAYER_AXIS)
+        fig.update_yaxes(title=figures._cos_title(self.col, "mean over edits"))
+        return figures.style(fig, height=300)
 
     def _metric_figure(self) -> go.Figure:
+        """Horizontal bars, a group per metric (its name on the left, never slanted)."""
         names = self._metric_names()
         fig = go.Figure()
         for name, method, d in self._bars():
-            fig.add_trace(go.Bar(x=names, y=self._means(d, names), name=name,
-                                 marker_color=figures._color(method)))
-        fig.update_layout(barmode="group")
-        fig.update_yaxes(range=[0, 1])
-        return figures.style(fig, "one_column")
+            fig.add_trace(go.Bar(y=names, x=self._means(d, names), name=name, orientation="h",
+                                 marker_color=figures.color(method),
+                                 hovertemplate="%{y}: %{x:.3f}<extra>" + name + "</extra>"))
+        fig.update_layout(barmode="group", bargap=0.25, bargroupgap=0.05)
+        fig.update_xaxes(range=[0, 1], title="mean over edits (share, 0 to 1)")
+        fig.update_yaxes(autorange="reversed", tickvals=names,
+                         ticktext=[figures.NAMES.get(n, n) for n in names])
+        return figures.style(fig, height=60 + 34 * max(1, len(names)))
 
     def _show_counts(self) -> None:
         """How many stored rows each line averages (skipped edits: no anchor, no metrics)."""
@@ -229,8 +234,8 @@ class SweepExplorer:
         names = self._metric_names()
         with self.metrics_fig.batch_update():
             for trace, (_, _, d) in zip(self.metrics_fig.data, self._bars(), strict=True):
-                trace.x = names
-                trace.y = self._means(d, names)
+                trace.y = names
+                trace.x = self._means(d, names)
         self._show_counts()
 
     def _point(self, value: float) -> dict:
@@ -288,7 +293,10 @@ class EditPanel:
                                   description="method")
         self.button = W.Button(description="edit", icon="pencil")
         self.out = W.Output()
-        self.fig = go.FigureWidget(figures.style(go.Figure(), "one_column"))
+        empty = go.Figure()
+        empty.update_xaxes(title=figures.LAYER_AXIS)
+        empty.update_yaxes(title="cosine to the new object's anchor")
+        self.fig = go.FigureWidget(figures.style(empty, height=280))
         self.result: dict = {}
         self.button.on_click(lambda b: self.run())
         self.widget = W.VBox([W.HBox([self.prompt, self.subject]),
@@ -332,8 +340,13 @@ class EditPanel:
                               * np.linalg.norm(a.phi.numpy(), axis=-1))))
             with self.fig.batch_update():
                 self.fig.data = []
-                self.fig.add_scatter(y=cos(h_pre), name="before")
-                self.fig.add_scatter(y=cos(h_post), name="after")
-                self.fig.update_yaxes(title=f"cosine to {req.target_new!r} anchor")
+                self.fig.add_scatter(y=cos(h_pre), name="before (unedited)",
+                                     line=dict(color=figures.color("unedited"), width=2.2))
+                self.fig.add_scatter(y=cos(h_post),
+                                     name=f"after ({figures.label(self.methods.value)})",
+                                     line=dict(color=figures.color(self.methods.value),
+                                               width=2.2))
+                self.fig.update_yaxes(title=f"cosine to the {req.target_new!r} anchor")
+                figures.style(self.fig, height=280)  # the legend now has entries
             self.result["cos_after"] = cos(h_post)
         return self.result

@@ -2,9 +2,14 @@
 Playwright (``executable_path`` set to the system browser; Playwright downloads nothing).
 
 For each notebook the test runs every cell from the JupyterLab UI and checks that no cell
-has an error output, that its figures (and, in the sweep explorers, the ipywidgets panel)
-render, that moving the panel's slider in the page changes the plotted data, and it saves a
-screenshot in the test's temporary folder (the path is printed).
+has an error output and that its figures (and, in the sweep explorers, the ipywidgets panel)
+render. In the sweep explorers (notebooks 03 and 04) it moves the panel's slider in the page,
+as a user would, waits until the plotted data changes, and checks that every trace the page
+draws equals the mean of the stored rows of the new selection, computed in the notebook's
+kernel independently of the panel. Screenshots are taken after that move: the page, and each
+plotly figure on its own, in ``$STEAMVIZ_SCREENSHOTS`` (default ``steamviz-screenshots`` in
+the system's temporary folder: the test writes nothing into the checkout); the paths are
+printed (``pytest -s``).
 
 Notebooks write their run folders under ``$STEAMVIZ_RUNS`` (scripts/test.sh sets one for
 the whole suite, so nbmake's run of the same notebooks resumes these sweeps).
@@ -19,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -28,8 +34,16 @@ import pytest
 from steamviz.figures import find_browser
 
 pytestmark = pytest.mark.model
-NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 SLIDER_NOTEBOOKS = {"03_alignment_strength", "04_layer_depth"}  # SweepExplorer panels
+
+
+def _shots() -> Path:
+    d = Path(os.environ.get("STEAMVIZ_SCREENSHOTS")
+             or Path(tempfile.gettempdir()) / "steamviz-screenshots")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def _free_port() -> int:
@@ -116,10 +130,61 @@ _STATE = """() => {
 }"""
 _PLOT_DATA = """() => Array.from(document.querySelectorAll('.js-plotly-plot'))
   .map(d => JSON.stringify((d.data || []).map(t => [t.name, t.y])))"""
+# the traces each figure draws, as plain numbers (plotly may hold typed arrays)
+_TRACES = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(d =>
+  (d._fullData || []).map(t => {
+    const arr = v => (v == null ? null : Array.from(
+      v, x => (x == null ? null : typeof x === 'string' ? x : Number(x))));
+    return {name: t.name, type: t.type, orientation: t.orientation || 'v',
+            x: t.type === 'bar' ? arr(t.x) : null, y: arr(t.y)};
+  }))"""
+# run code in the notebook's kernel; returns what it prints
+_KERNEL = """async (code) => {
+  const kernel = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+  const future = kernel.requestExecute({code, store_history: false, silent: false});
+  let out = '';
+  future.onIOPub = (msg) => {
+    if (msg.header.msg_type === 'stream') out += msg.content.text;
+    if (msg.header.msg_type === 'error') out += 'ERROR ' + msg.content.evalue;
+  };
+  await future.done;
+  return out;
+}"""
+# in the kernel: what each trace of the panel must show for the current value of every
+# control, from the stored rows (pandas on panel.df, not the panel's own selection code)
+_EXPECTED = r"""
+import json as _json, numpy as _np, pandas as _pd
+def _pick(d, c, v):
+    if c in ('lam', 'layer'):
+        return d[_pd.to_numeric(d[c], errors='coerce') == float(v)]
+    if c == 'centered':
+        return d[d[c].astype(str) == str(bool(v))]
+    return d[d[c].astype(str).str.replace(' ', '') == str(v).replace(' ', '')]
+def _expected(p):
+    sel = {c: w.value for c, w in p.controls.items()}
+    d = p.df
+    steam = d[d.method == 'steam-rome']
+    for c, v in sel.items():
+        steam = _pick(steam, c, v)
+    rome = d[d.method == 'rome']
+    if 'layer' in sel:
+        rome = _pick(rome, 'layer', sel['layer'])
+    def line(x):
+        v = [_json.loads(s) if isinstance(s, str) else s for s in x[p.col]]
+        v = [a for a in v if isinstance(a, list)]
+        return _np.mean(_np.array(v, dtype=float), axis=0).tolist()
+    names = [m for m in p.METRICS if m in d.columns]
+    bars = lambda x: [float(x[m].mean()) for m in names]
+    return dict(selection={c: str(v) for c, v in sel.items()}, metrics=names,
+                lines={'unedited': line(d[d.method == 'unedited']), 'ROME': line(rome),
+                       'STEAM-ROME': line(steam)},
+                bars={'ROME': bars(rome), 'STEAM-ROME': bars(steam)})
+print(_json.dumps(_expected(panel)))
+"""
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_in_a_real_browser(lab, nb, tmp_path):
+def test_notebook_runs_in_a_real_browser(lab, nb):
     from playwright.sync_api import sync_playwright
 
     url, token = lab
@@ -146,11 +211,19 @@ def test_notebook_runs_in_a_real_browser(lab, nb, tmp_path):
             if nb.stem != "01_quickstart":  # 01 prints tables; the others draw figures
                 page.wait_for_selector(".js-plotly-plot", timeout=60_000)
             if nb.stem in SLIDER_NOTEBOOKS:
-                _check_slider(page, nb)
-            shot = tmp_path / f"{nb.stem}.png"
+                _check_slider(page, nb)  # the screenshots below are taken after the move
+            shots = _shots()
+            shot = shots / f"{nb.stem}.png"
             page.screenshot(path=str(shot))
             assert shot.stat().st_size > 10_000
             print(f"screenshot: {shot}")
+            plots = page.locator(".js-plotly-plot")
+            for i in range(plots.count()):
+                plots.nth(i).scroll_into_view_if_needed()
+                page.wait_for_timeout(300)
+                one = shots / f"{nb.stem}-figure{i + 1}.png"
+                plots.nth(i).screenshot(path=str(one))
+                print(f"screenshot: {one}")
         finally:
             browser.close()
 
@@ -172,3 +245,30 @@ def _check_slider(page, nb) -> None:
     after = page.evaluate(_PLOT_DATA)
     changed = sum(a != b for a, b in zip(before, after))
     assert changed >= 1, json.dumps([before, after])[:500]
+    page.wait_for_timeout(1000)  # let every figure finish redrawing
+    _check_traces(page, nb)
+
+
+def _check_traces(page, nb) -> None:
+    """Every trace drawn in the page shows the stored rows of the current selection: no
+    line or bar keeps a value of another setting."""
+    import numpy as np
+
+    out = page.evaluate(_KERNEL, _EXPECTED)
+    assert not out.startswith("ERROR"), out
+    want = json.loads(out.strip().splitlines()[-1])
+    figs = page.evaluate(_TRACES)
+    lines = {t["name"]: t for f in figs for t in f if t["type"] == "scatter"}
+    bars = {t["name"]: t for f in figs for t in f if t["type"] == "bar"}
+    for name, y in want["lines"].items():
+        assert name in lines, (nb.name, name, list(lines))
+        assert np.allclose(np.array(lines[name]["y"], dtype=float), y, atol=1e-6), (
+            nb.name, want["selection"], name)
+    for name, vals in want["bars"].items():
+        t = bars[name]
+        cats, got = (t["y"], t["x"]) if t["orientation"] == "h" else (t["x"], t["y"])
+        assert list(cats) == want["metrics"], (nb.name, cats)
+        assert np.allclose(np.array(got, dtype=float), vals, atol=1e-6), (
+            nb.name, want["selection"], name)
+    print(f"{nb.stem}: after the slider move ({want['selection']}) every trace matches the "
+          "stored rows of that selection")

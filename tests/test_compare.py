@@ -66,3 +66,31 @@ def test_anchor_seeds_pair_within_seed_and_average_per_edit():
     assert t.n == 4 and t["diff"] == pytest.approx(0.25)  # (0.2 + 0.3) / 2 per edit
     lay = paired_layers(df, "cos_layers", n_boot=500)
     assert lay["diff"].tolist() == pytest.approx([0.0, 1.0]) and set(lay.n) == {4}
+
+
+def test_sentences_state_the_measured_difference_and_what_its_interval_says():
+    from steamviz.compare import sentences
+
+    rows = []
+    for c in range(6):
+        for layer in (3, 7):
+            rows.append(dict(case_id=c, method="rome", lam=None, layer=layer, m=0.1 * c))
+            # STEAM higher by 0.2 at layer 3; at layer 7 a difference whose sign varies
+            rows.append(dict(case_id=c, method="steam-rome", lam=50.0, layer=layer,
+                             m=0.1 * c + (0.2 if layer == 3 else (-1) ** c * 0.1)))
+        rows.append(dict(case_id=c, method="unedited", lam=None, layer=None, m=0.0))
+    df = pd.DataFrame(rows)
+    s = sentences(df, ["m"], by="layer", n_boot=2000)
+    assert len(s) == 2  # one per edited layer; the unedited model is not a method compared
+    assert s[0].startswith("At layer 3: STEAM λ=50 − ROME, m: +0.200 (95% CI +0.200 to +0.200")
+    assert s[0].endswith("higher with STEAM λ=50 on these edits.")
+    assert s[1].startswith("At layer 7: STEAM λ=50 − ROME, m: +0.000")
+    assert s[1].endswith("the interval includes 0, so these edits show no difference.")
+    with pytest.raises(ValueError, match="several rows per case_id"):
+        sentences(df, ["m"])  # ROME at two layers: no single baseline without by=
+    # 2 edits, both higher: the bootstrap interval excludes 0, but the test cannot (p = 0.5)
+    two = df[(df.case_id < 2) & (df.layer == 3)]
+    (s2,) = sentences(two, ["m"], n_boot=2000)
+    assert "p = 0.50" in s2 and s2.endswith(
+        "the interval excludes 0, but 2 edits are too few for the sign-flip test "
+        "(p < 0.05 needs 6 or more): no verdict.")

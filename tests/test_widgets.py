@@ -28,8 +28,8 @@ def test_slider_changes_the_figures():
     assert np.allclose(y20, 0.55)
     p.slider.value = 50.0  # what moving the slider does
     assert np.allclose(np.array(p.cos_fig.data[2].y), 0.60)
-    para = list(p.metrics_fig.data[1].x).index("paraphrase")
-    assert p.metrics_fig.data[1].y[para] == 0.6
+    para = list(p.metrics_fig.data[1].y).index("paraphrase")  # horizontal bars
+    assert p.metrics_fig.data[1].x[para] == 0.6
     assert p.run_button.disabled  # no runner given
 
 
@@ -134,9 +134,10 @@ def _check(panel, rows, sel):
         assert np.allclose(lines[name], y, atol=1e-9), (sel, name)
     bars = {t.name: t for t in panel.metrics_fig.data}
     assert set(bars) == set(want["bars"]), bars.keys()
-    for name, y in want["bars"].items():
-        assert list(bars[name].x) == METRICS
-        assert np.allclose(np.array(bars[name].y, dtype=float), y, atol=1e-9), (sel, name)
+    for name, y in want["bars"].items():  # horizontal bars: metric names on y, means on x
+        assert bars[name].orientation == "h"
+        assert list(bars[name].y) == METRICS
+        assert np.allclose(np.array(bars[name].x, dtype=float), y, atol=1e-9), (sel, name)
     # no band traces in this panel: every trace is a line or a bar group checked above
     assert len(panel.cos_fig.data) == 3 and len(panel.metrics_fig.data) == 2
 
