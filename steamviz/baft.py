@@ -65,7 +65,6 @@ negatives can still move a little (checked in ``tests/test_baft.py``; ``docs/res
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -77,6 +76,7 @@ from .capture import _first_tensor, _Stop, hooks
 from .context import context_templates
 from .edits import Edit
 from .forward import run_from_layer, space
+from .hparams import Hparams
 from .requests import EditRequest
 from .tokens import pad, token_ids
 
@@ -98,7 +98,7 @@ DISTRACTORS = (
 
 
 @dataclass
-class BaFTHparams:
+class BaFTHparams(Hparams):
     """BaFT hyperparameters. ``layers``: decoder blocks whose *output* is intervened on."""
 
     layers: tuple = (6,)
@@ -131,16 +131,10 @@ class BaFTHparams:
         if self.rank < 1 or self.steps < 1 or self.lr <= 0:
             raise ValueError("rank and steps must be >= 1 and lr > 0")
 
-    def replace(self, **kw) -> "BaFTHparams":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
     def for_model(cls, lm_or_name) -> "BaFTHparams":
         """Per-model defaults; otherwise one block at ~20% of the depth."""
-        name = getattr(lm_or_name, "name", lm_or_name)
+        name = cls.model_name(lm_or_name)
         if name in MODEL_DEFAULTS:
             return cls(**MODEL_DEFAULTS[name])
         n = getattr(lm_or_name, "n_layers", None)

@@ -17,6 +17,13 @@ How figures and panels show a method -- its label and colour -- is the method's 
 
 >>> display("steam-rome")
 Display(label='STEAM-ROME', color='#0072B2', short='STEAM')
+
+Everything the registry knows of a method -- batch or not, hyperparameter class, the grid
+axes a sweep gives it (``register(..., axes=("layer", "lam"))``) and its display row -- is
+its :func:`spec`:
+
+>>> spec("steam-memit").axes                             # doctest: +SKIP
+('layer', 'lam', 'batch')
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import dataclasses
 from typing import Callable
 
 from .edits import Edit
+from .hparams import unknown_field
 from .requests import EditRequest
 
 METHODS: dict[str, Callable[..., Edit]] = {}
@@ -78,20 +86,58 @@ def display(method: str) -> Display:
 
 #: method -> (its hyperparameter dataclass, the other keyword arguments it takes)
 PARAMS: dict[str, tuple[type, tuple[str, ...]]] = {}
+#: the grid axes a sweep can give a method: the edited block (``layer``), the alignment
+#: strength with its alignment layers and centring (``lam``), the requests edited at once
+#: (``batch``; batch editors only)
+AXES = ("layer", "lam", "batch")
+#: method -> its grid axes (a method without a row has none: one point per request)
+METHOD_AXES: dict[str, tuple[str, ...]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Editor:
+    """What the registry knows of a method (:func:`spec`)."""
+
+    name: str
+    batch: bool  # takes many requests at once (:func:`edit_batch`)
+    params: type | None  # its hyperparameter dataclass (None: not declared)
+    extra: tuple[str, ...]  # the other keyword arguments it takes
+    axes: tuple[str, ...]  # its sweep grid axes, in the order of :data:`AXES`
+    display: Display
+
+
+def spec(method: str) -> Editor:
+    """The registry's row of ``method``; a ValueError for a method nobody registered."""
+    key = str(method).lower()
+    if key not in METHODS and key not in BATCH_METHODS:
+        _load_builtin()
+    if key not in METHODS and key not in BATCH_METHODS:
+        raise ValueError(f"unknown editing method {method!r}; choose from "
+                         f"{sorted(set(METHODS) | set(BATCH_METHODS))}")
+    params, extra = PARAMS.get(key, (None, ()))
+    return Editor(key, key in BATCH_METHODS, params, extra, METHOD_AXES.get(key, ()),
+                  display(key))
 #: hyperparameter fields that name blocks (checked against the model's depth)
 LAYER_FIELDS = ("layer", "layers", "subject_layer", "query_layer")
 
 
 def register(name: str, batch: bool = False, params: type | None = None, extra: tuple = (),
-             label: str | None = None, color: str | None = None):
+             label: str | None = None, color: str | None = None, axes: tuple | None = None):
     """Decorator: register ``fn(lm, request, **params) -> Edit`` under ``name``; with
     ``batch=True``, ``fn(lm, requests, **params) -> Edit`` for :func:`edit_batch`.
     ``params``: the method's hyperparameter dataclass (its fields are the keyword
     parameters :func:`check_params` accepts), ``extra``: other keyword arguments.
-    ``label``/``color``: the method's :data:`DISPLAY` row (kept when not given)."""
+    ``label``/``color``: the method's :data:`DISPLAY` row (kept when not given).
+    ``axes``: the method's sweep grid axes, a subset of :data:`AXES` (kept when not given)."""
+    key = name.lower()
+    if axes is not None:
+        bad = [a for a in axes if a not in AXES]
+        if bad:
+            raise ValueError(f"{name}: unknown grid axes {bad}; choose from {list(AXES)}")
+        if "batch" in axes and not (batch or key in BATCH_METHODS):
+            raise ValueError(f"{name}: only a batch editor (batch=True) has a 'batch' axis")
 
     def deco(fn):
-        key = name.lower()
         (BATCH_METHODS if batch else METHODS)[key] = fn
         if params is not None:
             PARAMS[key] = (params, tuple(extra))
@@ -99,6 +145,8 @@ def register(name: str, batch: bool = False, params: type | None = None, extra: 
             old = display(key)
             DISPLAY[key] = Display(label or old.label, color or old.color,
                                    label or old.short)
+        if axes is not None:
+            METHOD_AXES[key] = tuple(a for a in AXES if a in axes)
         return fn
 
     return deco
@@ -138,7 +186,7 @@ def check_fields(cls: type, params: dict, label: str, n_layers: int | None = Non
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k, v in params.items():
         if k not in fields:
-            return f"unknown {label} parameter {k!r}; fields of {cls.__name__}: {list(fields)}"
+            return unknown_field(cls, k, label)
         f = fields[k]
         default = f.default if f.default is not dataclasses.MISSING else None
         if not _type_ok(f.type, v):
@@ -213,7 +261,7 @@ def _load_builtin() -> None:
 def _register_builtin() -> None:
     from . import rome
 
-    @register("rome", params=rome.ROMEHparams)
+    @register("rome", params=rome.ROMEHparams, axes=("layer",))
     def _rome(lm, request, layer: int | None = None, hparams=None, **hp):
         hparams = hparams or rome.ROMEHparams.for_model(lm)
         if layer is not None:

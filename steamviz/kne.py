@@ -64,7 +64,6 @@ Shapes: ``flat_idx[name]`` ``[k_name]`` indices into ``W.reshape(-1)`` of the st
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -75,12 +74,13 @@ from .arch import get_module, lm_head_logits
 from .context import context_templates
 from .edits import Edit, WeightDelta, WeightEdit
 from .forward import _with_targets, space
+from .hparams import Hparams
 from .requests import EditRequest
 from .tokens import encode, fill, subject_span
 
 
 @dataclass
-class KNEHparams:
+class KNEHparams(Hparams):
     """KNE hyperparameters.
 
     ``layers``: the blocks whose FFN weights are attributed; ``None`` = the first
@@ -126,21 +126,14 @@ class KNEHparams:
         if self.ig_steps < 1 or self.steps < 1 or self.lr <= 0:
             raise ValueError("ig_steps and steps must be >= 1 and lr > 0")
 
-    def replace(self, **kw) -> "KNEHparams":
-        return dataclasses.replace(self, **kw)
-
     def resolve_layers(self, n_layers: int) -> tuple:
         if self.layers is not None:
             return self.layers
         return tuple(range(max(1, round(n_layers * self.layer_span))))
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
     def for_model(cls, lm_or_name) -> "KNEHparams":
-        name = getattr(lm_or_name, "name", lm_or_name)
-        return cls(**MODEL_DEFAULTS.get(name, {}))
+        return cls(**MODEL_DEFAULTS.get(cls.model_name(lm_or_name), {}))
 
 
 MODEL_DEFAULTS: dict[str, dict] = {}

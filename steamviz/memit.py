@@ -42,12 +42,13 @@ from . import rome
 from .capture import capture
 from .context import context_templates
 from .edits import WeightEdit, active_edits
+from .hparams import Hparams
 from .requests import EditRequest
 from .tokens import fill
 
 
 @dataclass
-class MEMITHparams:
+class MEMITHparams(Hparams):
     layers: tuple = (3, 4, 5, 6, 7)
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
@@ -68,29 +69,19 @@ class MEMITHparams:
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be increasing and distinct, got {self.layers}")
 
-    def replace(self, **kw) -> "MEMITHparams":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_yaml(cls, path, mom2_corpus: str | None = None) -> "MEMITHparams":
-        """Read an EasyEdit MEMIT hparams YAML (``layers: [13, ..., 17]``,
-        ``mom2_update_weight``...). Module-name templates are ignored (adapters find the
-        modules). ``mom2_adjustment: true`` needs key statistics: pass ``mom2_corpus`` (a
-        folder of .txt files, or ``"model"``); without one the scaled identity is used and a
-        warning says so (EasyEdit's Wikipedia statistics are not available offline)."""
-        import yaml
-
-        d = yaml.safe_load(open(path)) or {}
-        return cls.from_dict(d, source=str(path), mom2_corpus=mom2_corpus)
-
     @classmethod
     def from_dict(cls, d: dict, source: str = "hparams", mom2_corpus: str | None = None
                   ) -> "MEMITHparams":
+        """From an EasyEdit MEMIT hparams mapping (``layers: [13, ..., 17]``,
+        ``mom2_update_weight``...; read from a YAML file by ``from_yaml(path,
+        mom2_corpus=)``; an empty file is every default). Module-name templates are ignored
+        (adapters find the modules). ``mom2_adjustment: true`` needs key statistics: pass
+        ``mom2_corpus`` (a folder of .txt files, or ``"model"``); without one the scaled
+        identity is used and a warning says so (EasyEdit's Wikipedia statistics are not
+        available offline)."""
         import warnings
 
+        d = {} if d is None else d  # an empty YAML file
         d = dict(d) if isinstance(d, dict) else d  # easyedit_kwargs names a non-mapping
         adjust = d.pop("mom2_adjustment", None) if isinstance(d, dict) else None
         kw = rome.easyedit_kwargs(cls, d, source, "MEMIT", {
@@ -290,8 +281,10 @@ def _register() -> None:
 
     plain = ("layer", "method")
     steam = plain + ("lam", "layers", "centered", "anchors", "bank")
-    register("memit", batch=True, params=MEMITHparams, extra=plain)(_memit)
-    register("steam-memit", batch=True, params=MEMITHparams, extra=steam)(_steam_memit)
+    register("memit", batch=True, params=MEMITHparams, extra=plain,
+             axes=("layer", "batch"))(_memit)
+    register("steam-memit", batch=True, params=MEMITHparams, extra=steam,
+             axes=("layer", "lam", "batch"))(_steam_memit)
     register("memit", params=MEMITHparams, extra=plain)(
         lambda lm, request, **kw: _memit(lm, [request], **kw))
     register("steam-memit", params=MEMITHparams, extra=steam)(

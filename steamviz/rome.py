@@ -43,6 +43,7 @@ from .capture import _Stop, hooks
 from .context import context_templates
 from .edits import WeightEdit, active_edits
 from .forward import layers_from, space
+from .hparams import Hparams
 from .lean import LeanStack
 from .lean import unsupported as lean_unsupported
 from .requests import EditRequest
@@ -50,7 +51,7 @@ from .tokens import fill, pad, subject_last, token_ids
 
 
 @dataclass
-class ROMEHparams:
+class ROMEHparams(Hparams):
     """ROME hyperparameters (names follow the ROME/EasyEdit YAML files)."""
 
     layer: int = 5
@@ -88,16 +89,10 @@ class ROMEHparams:
             raise ValueError(f"v_matmul_dtype must be null, 'float32', 'bfloat16' or 'float16', "
                              f"got {self.v_matmul_dtype!r}")
 
-    def replace(self, **kw) -> "ROMEHparams":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
     def for_model(cls, lm_or_name: Any) -> "ROMEHparams":
         """Per-model defaults (edited layer by depth, EasyEdit's LLaMA settings otherwise)."""
-        name = getattr(lm_or_name, "name", lm_or_name)
+        name = cls.model_name(lm_or_name)
         n = getattr(lm_or_name, "n_layers", None)
         if name in MODEL_DEFAULTS:
             return cls(**MODEL_DEFAULTS[name])
@@ -107,19 +102,13 @@ class ROMEHparams:
         return hp
 
     @classmethod
-    def from_yaml(cls, path) -> "ROMEHparams":
-        """Read an EasyEdit / ROME hparams YAML (``layers: [5]``, ``v_lr``...).
+    def from_dict(cls, d: dict, source: str = "hparams") -> "ROMEHparams":
+        """From an EasyEdit / ROME hparams mapping (``layers: [5]``, ``v_lr``...; read
+        from a YAML file by ``from_yaml``).
 
         Module-name templates (``rewrite_module_tmp``...) are ignored: steamviz finds
         modules through its architecture adapters. Unknown keys are an error.
         """
-        import yaml
-
-        d = yaml.safe_load(open(path))
-        return cls.from_dict(d, source=str(path))
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "hparams") -> "ROMEHparams":
         def layers(v):
             if not isinstance(v, list) or len(v) != 1:
                 raise ValueError(f"{source}: ROME edits one layer; 'layers' must be [L], got {v!r}")

@@ -122,6 +122,7 @@ from .arch import cache_in_kwargs, get_module, output_cache
 from .capture import _first_tensor, _Stop, hooks
 from .edits import Edit
 from .forward import space
+from .hparams import Hparams
 from .requests import EditRequest
 from .tokens import encode, fill, subject_span, token_ids
 
@@ -152,7 +153,7 @@ FALLBACK_PROMPTS = ("The capital of Japan is", "My favourite food is", "The weat
 
 
 @dataclass
-class SAKEHparams:
+class SAKEHparams(Hparams):
     """SAKE hyperparameters. Layers follow :mod:`steamviz.capture` numbering (layer ``l`` is
     the output of block ``l - 1``, ``1 <= l <= n_layers``); ``None`` picks them by depth."""
 
@@ -191,12 +192,6 @@ class SAKEHparams:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
         if self.target_iters < 1:
             raise ValueError("target_iters must be >= 1")
-
-    def replace(self, **kw) -> "SAKEHparams":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     @classmethod
     def for_model(cls, lm) -> "SAKEHparams":

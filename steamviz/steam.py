@@ -119,7 +119,7 @@ def apply(
 
 
 @register("steam-rome", params=rome.ROMEHparams,
-          extra=("lam", "layers", "centered", "anchor", "bank"))
+          extra=("lam", "layers", "centered", "anchor", "bank"), axes=("layer", "lam"))
 def _steam(lm, request, lam: float = DEFAULT_LAM, layer: int | None = None, layers=None,
            centered: bool = False, hparams=None, anchor=None, bank=None, **hp):
     hparams = hparams or rome.ROMEHparams.for_model(lm)

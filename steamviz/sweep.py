@@ -186,10 +186,13 @@ class SweepConfig:
         return list(self.anchor_seeds) if self.anchor_seeds is not None else [self.seed]
 
 
-#: methods with an edited-layer axis, an alignment-strength axis, a batch-size axis
-LAYER_METHODS = {"rome", "steam-rome", "memit", "steam-memit"}
-LAMBDA_METHODS = {"steam-rome", "steam-memit"}
-BATCH_METHODS = {"memit", "steam-memit"}
+def axes(method: str) -> tuple[str, ...]:
+    """The grid axes of ``method`` -- ``layer`` (edited block), ``lam`` (alignment strength,
+    alignment layers, centring), ``batch`` (requests edited at once) -- as registered
+    (:func:`steamviz.editors.spec`); the ``unedited`` point has none."""
+    from .editors import spec
+
+    return () if str(method).lower() == "unedited" else spec(method).axes
 
 
 def grid(cfg: SweepConfig, default_layer: int) -> list[dict]:
@@ -206,15 +209,16 @@ def grid(cfg: SweepConfig, default_layer: int) -> list[dict]:
                         centered=None))
     for m in cfg.methods:
         m = m.lower()
-        batches = cfg.batch_sizes if m in BATCH_METHODS else [None]
+        has = axes(m)
+        batches = cfg.batch_sizes if "batch" in has else [None]
         for b in batches:
-            for L in layers if m in LAYER_METHODS else [None]:
-                if m in LAMBDA_METHODS:
-                    axes = [(float(lam), al, c) for lam in cfg.lams for al in cfg.align_layers
-                            for c in cfg.centered]
+            for L in layers if "layer" in has else [None]:
+                if "lam" in has:
+                    steam = [(float(lam), al, c) for lam in cfg.lams for al in cfg.align_layers
+                             for c in cfg.centered]
                 else:
-                    axes = [(None, None, None)]
-                for lam, al, c in axes:
+                    steam = [(None, None, None)]
+                for lam, al, c in steam:
                     pt = dict(method=m, layer=L, lam=lam, align_layers=al, centered=c)
                     if b is not None:
                         pt["batch"] = int(b)
@@ -487,14 +491,15 @@ class Runner:
         point; STEAM methods get the run's anchors and bank (built before any edit)."""
         m = point["method"]
         kw = dict(self.cfg.method_params.get(m) or {})
-        if m in LAYER_METHODS:
+        has = axes(m)
+        if "layer" in has:
             kw.update(layer=point["layer"], hparams=self.hp)
-        if m in LAMBDA_METHODS:
+        if "lam" in has:
             kw.update(lam=point["lam"], layers=self.align_layers(point),
                       centered=point["centered"], bank=self.bank())
             seed = point.get("anchor_seed")
             anchors = {r.target_new: self.anchor(r.target_new, seed) for r in reqs or []}
-            if m in BATCH_METHODS:
+            if "batch" in has:
                 kw["anchors"] = anchors
             elif reqs:
                 kw["anchor"] = anchors[reqs[0].target_new]
@@ -502,7 +507,7 @@ class Runner:
 
     def skipped(self, reqs: list, point) -> str | None:
         """Why this unit cannot run (a STEAM point whose new object has no anchor), or None."""
-        if point["method"] not in LAMBDA_METHODS:
+        if "lam" not in axes(point["method"]):
             return None
         seed = point.get("anchor_seed")
         why = [f"{r.target_new!r}: {self.missing_anchor(r.target_new, seed)}" for r in reqs
@@ -597,6 +602,10 @@ def _config_change(run_dir: Path, cfg: SweepConfig) -> list[str]:
     except yaml.YAMLError:
         return ["(unreadable config.yaml)"]
     new = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # a key the record lacks is a key added to steamviz since: the recorded run used the
+    # behaviour of its default
+    default = yaml.safe_load(yaml.safe_dump(SweepConfig().to_dict(), sort_keys=False))
+    old = {**{k: default[k] for k in set(new) - set(old) if k in default}, **old}
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 

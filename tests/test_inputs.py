@@ -67,3 +67,35 @@ def test_every_shipped_config_is_valid():
 
     for p in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
         SweepConfig.from_yaml(p)
+
+
+HPARAMS = [("steamviz.rome", "ROMEHparams", "ROME"), ("steamviz.memit", "MEMITHparams", "MEMIT"),
+           ("steamviz.sake", "SAKEHparams", "SAKE"), ("steamviz.baft", "BaFTHparams", "BaFT"),
+           ("steamviz.kne", "KNEHparams", "KNE")]
+
+
+@pytest.mark.parametrize("mod, name, label", HPARAMS)
+def test_every_hparams_class_refuses_an_unknown_field_naming_the_fields(mod, name, label):
+    # issue 19: one hyperparameter base; the same error from every editor's replace
+    import dataclasses
+    import importlib
+
+    cls = getattr(importlib.import_module(mod), name)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    with pytest.raises(TypeError) as e:
+        cls().replace(sede=1)
+    assert str(e.value) == f"unknown {label} parameter 'sede'; fields of {name}: {fields}"
+
+
+@pytest.mark.parametrize("mod, name, label", HPARAMS)
+def test_every_hparams_class_round_trips_through_to_dict_and_replace(mod, name, label):
+    import importlib
+
+    cls = getattr(importlib.import_module(mod), name)
+    hp = cls().replace(seed=7)
+    assert hp.seed == 7 and cls().seed == 0  # a copy: the original is unchanged
+    d = hp.to_dict()
+    assert d["seed"] == 7 and cls().replace(**d) == hp == cls(**d)
+    assert hp.replace() == hp and hp.replace() is not hp
+    with pytest.raises(ValueError):  # __post_init__ checks the replaced values again
+        cls().replace(context_template_length_params=[["x", 1]])

@@ -68,3 +68,21 @@ def test_a_changed_config_is_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="changed: lams, n_edits.*--force"):
         run_sweep(other, tmp_path, lm=object())  # refused before the model is touched
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["n_edits"] == 2
+
+
+def test_a_run_recorded_before_a_config_key_existed_resumes(tmp_path):
+    # a run folder written before a key was added (here: widen_to) records no value for it;
+    # it ran with that key's default, so the same config resumes and only another value of
+    # the new key counts as a change
+    import yaml
+
+    from steamviz.sweep import SweepConfig, _config_change
+
+    cfg = SweepConfig.from_dict(dict(n_edits=2, generation=False))
+    _filled(tmp_path).close()
+    old = cfg.to_dict()
+    del old["widen_to"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    assert _config_change(tmp_path, cfg) == []
+    other = SweepConfig.from_dict(dict(n_edits=2, generation=False, widen_to=0))
+    assert _config_change(tmp_path, other) == ["widen_to"]

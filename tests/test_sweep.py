@@ -141,6 +141,42 @@ def test_every_builtin_editor_is_registered():
     assert {"memit", "steam-memit"} == set(BATCH_METHODS)
 
 
+def test_a_registered_method_gets_the_grid_axes_it_declares_and_no_other(monkeypatch):
+    # issue 19: each editor is described once; the sweep reads its axes from the registry
+    from steamviz import editors
+    from steamviz.sweep import Runner
+
+    editors._load_builtin()
+    for name in ("METHODS", "BATCH_METHODS", "PARAMS", "METHOD_AXES", "DISPLAY"):
+        monkeypatch.setattr(editors, name, dict(getattr(editors, name)))  # undone after
+    editors.register("toy-steam", axes=("lam",))(lambda lm, r, **kw: None)
+    editors.register("toy-batch", batch=True, axes=("layer", "batch"))(lambda lm, rs, **kw: None)
+    editors.register("toy-batch")(lambda lm, r, **kw: None)  # one request at a time, as memit
+    editors.register("toy-plain")(lambda lm, r, **kw: None)
+    assert editors.spec("toy-steam").axes == ("lam",) and not editors.spec("toy-steam").batch
+    assert editors.spec("toy-batch").axes == ("layer", "batch") and editors.spec("toy-batch").batch
+    cfg = SweepConfig.from_dict(dict(SMALL, methods=["toy-steam", "toy-batch", "toy-plain"],
+                                     lams=[5.0, 20.0], centered=[False, True], edit_layers=[4, 6],
+                                     batch_sizes=[1, 3], include_unedited=False))
+    pts = grid(cfg, default_layer=5)
+    steam = [p for p in pts if p["method"] == "toy-steam"]
+    assert {(p["layer"], p["lam"], p["centered"]) for p in steam} == {
+        (None, lam, c) for lam in (5.0, 20.0) for c in (False, True)}
+    assert len(steam) == 4 and not any("batch" in p for p in steam)
+    batch = [p for p in pts if p["method"] == "toy-batch"]
+    assert sorted((p["layer"], p["batch"]) for p in batch) == [(4, 1), (4, 3), (6, 1), (6, 3)]
+    assert all(p["lam"] is p["align_layers"] is p["centered"] is None for p in batch)
+    assert [p for p in pts if p["method"] == "toy-plain"] == [dict(
+        method="toy-plain", layer=None, lam=None, align_layers=None, centered=None)]
+    runner = Runner.__new__(Runner)  # no model: neither point needs an anchor
+    assert runner.skipped([], dict(method="toy-batch")) is None
+    assert runner.skipped([], dict(method="unedited")) is None
+    with pytest.raises(ValueError, match="unknown grid axes"):
+        editors.register("toy-bad", axes=("layers",))
+    with pytest.raises(ValueError, match="only a batch editor"):
+        editors.register("toy-bad", axes=("batch",))
+
+
 def test_block_indices_and_method_params_checked_against_the_model_before_any_write(tmp_path):
     # issue 17.5: out-of-range blocks and other editors' parameters, refused from the
     # config and the model's depth alone (no model load, no run folder)
