@@ -23,6 +23,7 @@ from steamviz import memit, rome
 from steamviz.datasets import load_edits
 from steamviz.metrics import efficacy_records
 from steamviz.models import load_model
+from steamviz.memo import clear_caches
 
 
 def eff(lm, reqs) -> float:
@@ -38,7 +39,7 @@ def main():
     reqs = load_edits(limit=args.edits)
     state = {k: v.clone() for k, v in lm.model.state_dict().items()}
 
-    rome.clear_caches()
+    clear_caches("rome")
     t = time.perf_counter()
     hits = 0
     for r in reqs:
@@ -49,8 +50,8 @@ def main():
           f"check each), efficacy {hits / len(reqs):.2f}", flush=True)
     assert all(torch.equal(state[k], v) for k, v in lm.model.state_dict().items())
 
-    rome.clear_caches()
-    memit.clear_caches()
+    clear_caches("rome")
+    clear_caches("memit")
     t = time.perf_counter()
     with memit.apply(lm, reqs):
         t_edit = time.perf_counter() - t

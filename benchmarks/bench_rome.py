@@ -26,6 +26,7 @@ from steamviz.anchors import AnchorError, build_anchor
 from steamviz.datasets import load_counterfact
 from steamviz.models import load_model
 from steamviz import fetch
+from steamviz.memo import clear_caches
 
 
 def peak_mb() -> float:
@@ -59,7 +60,7 @@ def main():
         for kind in ("fast", "bf16", "plain", "steam"):
             if kind == "steam" and anchor is None:
                 continue
-            rome.clear_caches()
+            clear_caches("rome")
             t = time.perf_counter()
             prep = rome.prepare(lm, req, hp_bf if kind == "bf16" else hp, use_cache=False)
             if kind == "steam":

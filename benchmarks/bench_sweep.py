@@ -16,15 +16,16 @@ import time
 
 import torch
 
-from steamviz import anchors, context, rome
+from steamviz import anchors, context
 from steamviz.models import load_model
 from steamviz.sweep import Runner, SweepConfig, run_sweep
+from steamviz.memo import clear_caches
 
 LAMS = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0]
 
 
 def clear():
-    rome.clear_caches()
+    clear_caches("rome")
     anchors._RECALL.clear()
     anchors._ANCHORS.clear()
     context._CACHE.clear()

@@ -27,12 +27,13 @@ _LAZY = {
     "greedy": ("steamviz.forward", "greedy"),
     "target_logprobs": ("steamviz.forward", "target_logprobs"),
     "load_edit": ("steamviz.edits", "load_edit"),
+    "clear_caches": ("steamviz.memo", "clear_caches"),
 }
 _SUBMODULES = {
     "arch", "capture", "context", "datasets", "edits", "forward", "metrics", "models",
     "paths", "requests", "rome", "stats", "tokens", "steam", "anchors", "integration",
     "geometry", "figures", "sweep", "widgets", "editors", "evaluation", "io", "memit", "cli",
-    "executors", "sake", "baft", "kne",
+    "executors", "sake", "baft", "kne", "hooks", "memo", "hparams", "plan", "store", "runner",
 }
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)

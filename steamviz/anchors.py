@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .memo import memo
 from .capture import capture
 from .datasets import Fact
 from .edits import require_unedited
 from .forward import target_logprobs
 from .io import load_tensors, save_tensors
-from .models import cache_dir
+from .paths import cache_dir
 
 
 class AnchorError(ValueError):
@@ -54,8 +55,8 @@ class Anchor:
 
 
 #: per model fingerprint: (prompt, object) -> (greedy, rank of the answer's first token)
-_RECALL: dict[str, dict[tuple[str, str], tuple[bool, int]]] = {}
-_ANCHORS: dict[tuple, Anchor] = {}
+_RECALL: dict[str, dict[tuple[str, str], tuple[bool, int]]] = memo("anchors.recall")
+_ANCHORS: dict[tuple, Anchor] = memo("anchors.anchors")
 
 #: recall rules (see :func:`recall_rule_ok`)
 RECALL_RULES = ("greedy", "top3", "top5", "top10")
@@ -242,7 +243,7 @@ class Bank:
         return [f.object for f in self.facts]
 
 
-_BANKS: dict[tuple, Bank] = {}
+_BANKS: dict[tuple, Bank] = memo("anchors.banks")
 
 
 def reference_bank(lm, facts=None, limit: int | None = None, seed: int = 0,
@@ -279,7 +280,3 @@ def reference_bank(lm, facts=None, limit: int | None = None, seed: int = 0,
     return bank
 
 
-def clear_caches() -> None:
-    _RECALL.clear()
-    _ANCHORS.clear()
-    _BANKS.clear()

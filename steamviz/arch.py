@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .memo import memo
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -59,6 +61,14 @@ def _llama_like(model_type: str, **kw) -> Adapter:
     return Adapter(**base)
 
 
+def _gpt_like(model_type: str, mlp_out: str, **kw) -> Adapter:
+    """GPT-2 / GPT-J layout: ``transformer.h.{i}``, the MLP's output projection ``mlp_out``."""
+    return Adapter(model_type=model_type, base="transformer", embed="transformer.wte",
+                   layers="transformer.h", mlp="transformer.h.{}.mlp",
+                   mlp_out=f"transformer.h.{{}}.mlp.{mlp_out}", attn="transformer.h.{}.attn",
+                   final_norm="transformer.ln_f", lm_head="lm_head", **kw)
+
+
 ADAPTERS: dict[str, Adapter] = {
     "llama": _llama_like("llama"),
     "mistral": _llama_like("mistral"),
@@ -67,30 +77,8 @@ ADAPTERS: dict[str, Adapter] = {
     "gemma": _llama_like("gemma"),
     "gemma2": _llama_like("gemma2"),
     "gemma3_text": _llama_like("gemma3_text"),
-    "gpt2": Adapter(
-        model_type="gpt2",
-        base="transformer",
-        embed="transformer.wte",
-        layers="transformer.h",
-        mlp="transformer.h.{}.mlp",
-        mlp_out="transformer.h.{}.mlp.c_proj",
-        attn="transformer.h.{}.attn",
-        final_norm="transformer.ln_f",
-        lm_head="lm_head",
-        conv1d=True,
-        embed_transform="add_wpe",
-    ),
-    "gptj": Adapter(
-        model_type="gptj",
-        base="transformer",
-        embed="transformer.wte",
-        layers="transformer.h",
-        mlp="transformer.h.{}.mlp",
-        mlp_out="transformer.h.{}.mlp.fc_out",
-        attn="transformer.h.{}.attn",
-        final_norm="transformer.ln_f",
-        lm_head="lm_head",
-    ),
+    "gpt2": _gpt_like("gpt2", "c_proj", conv1d=True, embed_transform="add_wpe"),
+    "gptj": _gpt_like("gptj", "fc_out"),
     "gpt_neox": Adapter(
         model_type="gpt_neox",
         base="gpt_neox",
@@ -220,7 +208,7 @@ def block_input_to_embeds(
 # --------------------------------------------------------------------------------------------
 # the KV cache's name, which changed across transformers releases
 # --------------------------------------------------------------------------------------------
-_CACHE_NAMES: dict[type, str] = {}
+_CACHE_NAMES: dict[type, str] = memo("arch.cache_names")
 
 
 def cache_name(module: nn.Module) -> str:

@@ -72,7 +72,7 @@ import torch
 from torch import nn
 
 from .arch import get_module, layer_module, lm_head_logits
-from .capture import _first_tensor, _Stop, hooks
+from .hooks import first_tensor, hooks, read, stream
 from .context import context_templates
 from .edits import Edit
 from .forward import run_from_layer, space
@@ -250,19 +250,7 @@ def _distractor_prompts(request: EditRequest, n: int, seed: int) -> list[str]:
 @torch.no_grad()
 def _stream_after(lm, layer: int, input_ids, attention_mask) -> torch.Tensor:
     """Residual stream leaving block ``layer`` (``[rows, T, d]``); stops the pass there."""
-    got = {}
-
-    def keep(m, a, out):
-        got["h"] = _first_tensor(out).detach()
-        raise _Stop
-
-    base = get_module(lm.model, lm.adapter.base)
-    with hooks([layer_module(lm.model, layer).register_forward_hook(keep)]):
-        try:
-            base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _Stop:
-            pass
-    return got["h"]
+    return read(lm, input_ids, attention_mask, {"h": stream(lm, layer + 1)})[0]["h"]
 
 
 def _rows(lm, seqs: list[list[int]], layer: int) -> Rows:
@@ -366,7 +354,7 @@ def train(lm, prep: Prepared, hp: BaFTHparams | None = None) -> tuple[dict, list
         iv = ivs[L]
 
         def fn(m, args, out):
-            h = _first_tensor(out)
+            h = first_tensor(out)
             gates[L] = iv.weights(h)
             new = iv(h)
             return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
@@ -453,7 +441,7 @@ class BaFTEdit(Edit):
         got: dict[int, torch.Tensor] = {}
         handles = [
             layer_module(lm.model, L).register_forward_hook(
-                lambda m, a, o, L=L, iv=iv: got.__setitem__(L, iv.weights(_first_tensor(o))),
+                lambda m, a, o, L=L, iv=iv: got.__setitem__(L, iv.weights(first_tensor(o))),
                 prepend=True)  # before the edit's own hook: w of the block's output
             for L, iv in self.interventions.items()
         ]

@@ -27,14 +27,13 @@ model object can be captured before and after an edit.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from .arch import get_module
+from .hooks import hooks, read, stream  # noqa: F401 (hooks: re-exported)
 from .tokens import encode, subject_span
 
 POSITIONS = ("last", "subject_last", "subject_first")
@@ -88,25 +87,6 @@ class Capture:
             f"Capture(prompts={len(self.prompts)}, layers={self.layers[0]}..{self.layers[-1]} "
             f"({len(self.layers)}), positions={self.positions}, shape={tuple(self.tensor.shape)})"
         )
-
-
-class _Stop(Exception):
-    pass
-
-
-@contextmanager
-def hooks(handles: list) -> Iterator[None]:
-    """Remove every hook handle in ``handles`` on exit, whatever happens inside."""
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        handles.clear()
-
-
-def _first_tensor(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
 
 
 def position_indices(lm, prompts, subjects, positions, lengths, subject_starts=None
@@ -173,10 +153,7 @@ def capture(
     if bad:
         raise ValueError(f"layers {bad} out of range: this model has layers 0..{n}")
     positions = [positions] if isinstance(positions, str) else list(positions)
-    blocks = get_module(lm.model, lm.adapter.layers)
-    base = get_module(lm.model, lm.adapter.base)
     want = sorted(set(layers))
-    top = max(want)
     chunks, index_chunks = [], []
     for s in range(0, len(prompts), batch_size):
         ps = prompts[s : s + batch_size]
@@ -186,35 +163,8 @@ def capture(
         idx = position_indices(lm, ps, ss, positions, batch.lengths, st)
         gather = idx.to(lm.device)
         rows = torch.arange(len(ps), device=lm.device)[:, None]
-        got: dict[int, torch.Tensor] = {}
-
-        def keep(layer: int, h: torch.Tensor) -> None:
-            got[layer] = h[rows, gather]  # [batch, position, hidden]
-            if layer == top:
-                raise _Stop
-
-        handles = []
-        with hooks(handles):
-            if 0 in want:
-                handles.append(
-                    blocks[0].register_forward_pre_hook(
-                        lambda m, a, kw: keep(0, a[0] if a else kw["hidden_states"]),
-                        with_kwargs=True,
-                    )
-                )
-            for layer in want:
-                if layer == 0:
-                    continue
-                handles.append(
-                    blocks[layer - 1].register_forward_hook(
-                        lambda m, a, out, layer=layer: keep(layer, _first_tensor(out))
-                    )
-                )
-            try:
-                base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     use_cache=False)
-            except _Stop:
-                pass
+        taps = {x: stream(lm, x, keep=lambda h, r=rows, g=gather: h[r, g]) for x in want}  # [b, pos, d]
+        got, _ = read(lm, batch.input_ids, batch.attention_mask, taps)
         chunks.append(torch.stack([got[x] for x in layers], dim=1))
         index_chunks.append(idx)
     return Capture(

@@ -84,10 +84,10 @@ def _check_recall(rule: str) -> None:
 def _check_edit_args(method: str, lam, params: dict, model=None) -> dict:
     """Everything about the editor that can be checked before the model loads (block
     indices against the depth in ``model``'s config)."""
-    from .editors import METHODS, _load_builtin, check_params
+    from .editors import METHODS, load_builtin, check_params
     from .models import model_depth
 
-    _load_builtin()
+    load_builtin()
     if method.lower() not in METHODS:
         raise UsageError(f"--method {method!r}: unknown; choose one of {sorted(METHODS)}")
     if lam is not None:
@@ -279,12 +279,13 @@ def doctor_checks() -> list[tuple[str, bool, str, str]]:
     import os
 
     from . import fetch
-    from .models import _cache_folder, cache_dir, find_default_gguf
+    from .models import cache_folder, find_default_gguf
+    from .paths import cache_dir
 
     out = []
     try:
         gguf = find_default_gguf()
-        folder = _cache_folder(gguf)
+        folder = cache_folder(gguf)
         conv = (folder / "manifest.json").is_file()
         out.append(("default model", True, f"{gguf.name}; converted cache: "
                     f"{folder if conv else 'not yet (made on first load, ~30 s)'}", ""))

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from .memo import memo
 from .arch import cache_kwargs, output_cache
 
-_CACHE: dict[tuple, list[str]] = {}
+_CACHE: dict[tuple, list[str]] = memo("context.templates")
 
 
 @torch.no_grad()

@@ -110,7 +110,7 @@ def spec(method: str) -> Editor:
     """The registry's row of ``method``; a ValueError for a method nobody registered."""
     key = str(method).lower()
     if key not in METHODS and key not in BATCH_METHODS:
-        _load_builtin()
+        load_builtin()
     if key not in METHODS and key not in BATCH_METHODS:
         raise ValueError(f"unknown editing method {method!r}; choose from "
                          f"{sorted(set(METHODS) | set(BATCH_METHODS))}")
@@ -209,7 +209,7 @@ def check_params(method: str, params: dict, n_layers: int | None = None) -> str 
     """
     key = method.lower()
     if key not in METHODS:
-        _load_builtin()
+        load_builtin()
     if key not in METHODS and key not in BATCH_METHODS:
         return f"unknown editing method {method!r}; choose from {sorted(METHODS)}"
     if key not in PARAMS:
@@ -228,7 +228,7 @@ def edit(lm, request: EditRequest | dict, method: str = "rome", **params) -> Edi
         request = EditRequest.from_dict(request)
     key = method.lower()
     if key not in METHODS:
-        _load_builtin()
+        load_builtin()
     if key not in METHODS:
         raise ValueError(f"unknown editing method {method!r}; choose from {sorted(METHODS)}")
     request.check_length(lm)
@@ -240,7 +240,7 @@ def edit_batch(lm, requests, method: str = "memit", **params) -> Edit:
     requests = [EditRequest.from_dict(r) if isinstance(r, dict) else r for r in requests]
     key = method.lower()
     if key not in BATCH_METHODS:
-        _load_builtin()
+        load_builtin()
     if key not in BATCH_METHODS:
         raise ValueError(f"{method!r} is not a batch editor; batch editors: "
                          f"{sorted(BATCH_METHODS)} (edit one request at a time with edit())")
@@ -249,7 +249,7 @@ def edit_batch(lm, requests, method: str = "memit", **params) -> Edit:
     return BATCH_METHODS[key](lm, requests, **params)
 
 
-def _load_builtin() -> None:
+def load_builtin() -> None:
     import importlib
 
     if "rome" not in METHODS:

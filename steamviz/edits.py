@@ -171,7 +171,7 @@ class WeightEdit(Edit):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the deltas (+ request/method metadata) to a safetensors file, atomically."""
-        return WeightDelta(self.method, dict(self.deltas), _jsonable(self.info)).save(path)
+        return WeightDelta(self.method, dict(self.deltas), json_info(self.info)).save(path)
 
 
 def provenance(model: nn.Module) -> dict:
@@ -210,7 +210,7 @@ def _apply(p: torch.Tensor, op: str, d: torch.Tensor, index) -> None:
             p.data.view(-1)[index] = d
 
 
-def _jsonable(info: dict) -> dict:
+def json_info(info: dict) -> dict:
     out = {}
     for k, v in info.items():
         try:

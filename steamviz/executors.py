@@ -2,7 +2,7 @@
 
 ``local`` (the default) runs them one after the other in this process. ``ray`` hands them to
 a Ray cluster: one actor per worker slot (one per GPU with ``num_gpus=1`` when the cluster has
-GPUs, else one per CPU) builds a :class:`~steamviz.sweep.Runner` once (the model, anchors,
+GPUs, else one per CPU) builds a :class:`~steamviz.runner.Runner` once (the model, anchors,
 reference bank, reference texts...) and runs units; this process sends the units out and
 writes the rows that come back to the run's results store. Both executors plan the same
 units with the same keys and write the same store, so a sweep started locally can be
@@ -55,7 +55,7 @@ def import_ray():
 
 def plan(runner) -> list[tuple[list[str], list, dict]]:
     """Every work unit of the runner's sweep with its store keys: ``(keys, requests, point)``."""
-    from .sweep import grid, units
+    from .plan import grid, units
 
     reqs = runner.requests()
     return [([runner.keys(r, p, batch) for r in batch], batch, p)
@@ -83,7 +83,7 @@ class LocalExecutor:
         self.cfg, self.lm, self.runner = cfg, lm, None
 
     def plan(self) -> list:
-        from .sweep import Runner
+        from .runner import Runner
 
         self.runner = Runner(self.cfg, self.lm)
         return plan(self.runner)
@@ -100,7 +100,7 @@ class SweepWorker:
     """The body of one Ray actor: a Runner (the model loaded once) that runs work units."""
 
     def __init__(self, cfg):
-        from .sweep import Runner
+        from .runner import Runner
 
         self.runner = Runner(cfg)
 

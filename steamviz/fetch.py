@@ -63,7 +63,7 @@ def sources() -> dict[str, dict]:
 
 def data_root() -> Path:
     """Where fetched data lives: ``$STEAMVIZ_CACHE/data``."""
-    from .models import cache_dir
+    from .paths import cache_dir
 
     return cache_dir() / "data"
 

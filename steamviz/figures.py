@@ -221,7 +221,7 @@ def _band(x, lo, hi, col: str, name: str) -> go.Scatter:
                       name=f"{name} 95% CI")
 
 
-def _widths(n: int) -> list[float]:
+def line_widths(n: int) -> list[float]:
     """Line widths of ``n`` lines drawn in order: earlier ones a little wider, so a line
     that another covers exactly still shows at its edges."""
     return [2.0 + 1.6 * (n - 1 - i) / max(n - 1, 1) for i in range(n)] if n > 1 else [2.2]
@@ -243,7 +243,7 @@ def _layers_matrix(df: pd.DataFrame, col: str) -> np.ndarray:
     return np.array([v for v in vals if v is not None], dtype=float)
 
 
-def _cos_title(col: str, extra: str = "") -> str:
+def cos_title(col: str, extra: str = "") -> str:
     """A two-line axis title (short enough for one column): what, then how measured."""
     what = "centred cosine" if "centered" in col else "cosine"
     how = "held out" if "trained" not in col else "rewrite prompt"
@@ -281,14 +281,14 @@ def layer_cosine(df: pd.DataFrame, col: str = "cos_centered_layers",
             dashes.append(go.Scatter(x=np.arange(C.shape[1]), y=C.mean(0), mode="lines",
                                      name=f"{name}: control anchors", legendgroup=name,
                                      showlegend=False, line=dict(color=c, width=1.5, dash="dash")))
-    for t, w in zip(lines, _widths(len(lines))):
+    for t, w in zip(lines, line_widths(len(lines))):
         t.line.width = w
     fig.add_traces(bands + dashes + lines)  # bands below every line
     if dashes:
         fig.add_trace(_legend_only("dashed: control anchors", "dash"))
     _align_band(fig, align_layers)
     fig.update_xaxes(title=LAYER_AXIS)
-    fig.update_yaxes(title=_cos_title(col, "mean ± 95% CI"))
+    fig.update_yaxes(title=cos_title(col, "mean ± 95% CI"))
     return style(fig)
 
 
@@ -343,7 +343,7 @@ def paired_layer_difference(df: pd.DataFrame, col: str = "cos_centered_layers",
                                          name=f"{name}: control anchors", legendgroup=name,
                                          showlegend=False,
                                          line=dict(color=c, width=1.5, dash="dash")))
-    for t, w in zip(lines, _widths(len(lines))):
+    for t, w in zip(lines, line_widths(len(lines))):
         t.line.width = w
     fig.add_traces(bands + dashes + lines)
     if dashes:

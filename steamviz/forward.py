@@ -62,7 +62,7 @@ def run_from_layer(
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def _with_targets(lm, prompts: Sequence[str], targets: Sequence[str]):
+def with_targets(lm, prompts: Sequence[str], targets: Sequence[str]):
     """Batch of ``prompt + target`` and, per row, the positions that predict target tokens."""
     seqs, tpos, tids = [], [], []
     for p, t in zip(prompts, targets):
@@ -96,7 +96,7 @@ def target_logprobs(
     base = get_module(lm.model, lm.adapter.base)
     for s in range(0, len(prompts), batch_size):
         ps, ts = list(prompts[s : s + batch_size]), [space(t) for t in targets[s : s + batch_size]]
-        batch, tpos, tids = _with_targets(lm, ps, ts)
+        batch, tpos, tids = with_targets(lm, ps, ts)
         h = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         h = h.last_hidden_state
         for i in range(len(ps)):

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .models import cache_dir
+from .memo import memo
+from .paths import cache_dir
 
 
 @dataclass
@@ -197,8 +198,6 @@ def fit_map(
     return m
 
 
-_MAPS: dict[str, LatentMap] = {}
+_MAPS: dict[str, LatentMap] = memo("geometry.maps")
 
 
-def clear_caches() -> None:
-    _MAPS.clear()

@@ -73,7 +73,7 @@ import torch
 from .arch import get_module, lm_head_logits
 from .context import context_templates
 from .edits import Edit, WeightDelta, WeightEdit
-from .forward import _with_targets, space
+from .forward import with_targets, space
 from .hparams import Hparams
 from .requests import EditRequest
 from .tokens import encode, fill, subject_span
@@ -175,9 +175,9 @@ class KNEEdit(WeightEdit):
         self.sparse[name] = (flat_idx.cpu(), (new.float() - before.float()).cpu())
 
     def save(self, path):
-        from .edits import _jsonable
+        from .edits import json_info
 
-        return WeightDelta(self.method, self.deltas, _jsonable(self.info)).save(path)
+        return WeightDelta(self.method, self.deltas, json_info(self.info)).save(path)
 
 
 # -- which matrices ---------------------------------------------------------------------------
@@ -232,7 +232,7 @@ class _Targets:
     """Rows ``prompt + target`` with the positions and ids of every target token."""
 
     def __init__(self, lm, prompts: list[str], target: str):
-        self.batch, tpos, tids = _with_targets(lm, prompts, [space(target)] * len(prompts))
+        self.batch, tpos, tids = with_targets(lm, prompts, [space(target)] * len(prompts))
         dev = lm.device
         self.rows = torch.tensor([i for i, t in enumerate(tpos) for _ in t], device=dev)
         self.pos = torch.tensor([p for t in tpos for p in t], device=dev)
@@ -271,7 +271,7 @@ def attribute(lm, prompt: str, target: str, weights: dict[str, torch.Tensor], st
     ``X^T G`` (GPT-2's ``Conv1D``), summed over rows and tokens.
     (:func:`attribute_reference` is the plain ``functional_call`` version, the test oracle.)
     """
-    from .capture import hooks
+    from .hooks import hooks
 
     names = list(weights)
     mods = {n: get_module(lm.model, n.rsplit(".", 1)[0]) for n in names}

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .memo import memo
 from . import rome
 from .capture import capture
 from .context import context_templates
@@ -133,7 +134,7 @@ def _keys(lm, layer: int, requests, contexts, groups=None) -> tuple[torch.Tensor
             prompts.append(text)
             subjects.append(r.subject)
             starts.append(j + at)
-    k, _ = rome._keys_and_outputs(lm, layer, prompts, subjects, starts)
+    k, _ = rome.keys_and_outputs(lm, layer, prompts, subjects, starts)
     per = k.view(len(requests), len(contexts), -1)
     means = torch.stack([g.mean(1) for g in per.split(groups, dim=1)], dim=1)
     return means.mean(1), k
@@ -147,13 +148,9 @@ def _z_now(lm, requests, z_layer: int) -> torch.Tensor:
     return cap.tensor[:, 0, 0]
 
 
-_Z_CACHE: dict = {}
+_Z_CACHE: dict = memo("memit.z")
 
 
-def clear_caches() -> None:
-    """Forget the target vectors kept for reuse (they depend only on the unedited model,
-    the request and the hyperparameters, so batches of different sizes share them)."""
-    _Z_CACHE.clear()
 
 
 def apply(lm, requests, hparams: MEMITHparams | None = None, lam: float = 0.0,

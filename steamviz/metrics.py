@@ -39,6 +39,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .memo import memo
 from .arch import cache_kwargs, output_cache
 from .forward import greedy, left_pad, target_logprobs
 from .requests import EditRequest
@@ -233,7 +234,7 @@ IDF_CORPUS = ("text_corpus/wikitext-103-tokens/wiki.valid.tokens",
 TFIDF_SETTINGS = dict(lowercase=True, token_pattern=r"(?u)\b\w\w+\b", smooth_idf=True,
                       norm="l2", sublinear_tf=False)
 _IDF_FORMAT = 1
-_IDF_MEMO: dict[str, "Idf"] = {}
+_IDF_MEMO: dict[str, "Idf"] = memo("metrics.idf")
 
 
 @dataclass
@@ -279,7 +280,7 @@ def _corpus_key() -> tuple[str, dict]:
 
 
 def idf_cache_path():
-    from .models import cache_dir
+    from .paths import cache_dir
 
     return cache_dir() / "tfidf" / f"wikitext-idf-{_corpus_key()[0]}.json"
 
@@ -366,9 +367,6 @@ def corpus_idf() -> Idf:
     return idf
 
 
-def clear_caches() -> None:
-    """Forget the in-process IDF (the file cache stays)."""
-    _IDF_MEMO.clear()
 
 
 def tfidf_cosine(a: str, b: str, idf: Idf | None = None) -> float:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .paths import cache_dir  # noqa: F401 (re-exported: steamviz.models.cache_dir)
 from .arch import Adapter, adapter_for, get_module
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -41,11 +42,6 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # with ``<|endoftext|>`` (id 0) first it recalls facts far better than with
 # ``<|im_start|>`` and keys of a subject at position 0 match its keys after a context.
 START_TOKENS = {DEFAULT_MODEL: "<|endoftext|>"}
-
-
-def cache_dir() -> Path:
-    """Where steamviz keeps converted models and statistics (``$STEAMVIZ_CACHE``)."""
-    return Path(os.environ.get("STEAMVIZ_CACHE", Path.home() / ".cache" / "steamviz"))
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -135,7 +131,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _cache_folder(gguf: Path) -> Path:
+def cache_folder(gguf: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:12]
     return cache_dir() / "models" / f"{DEFAULT_MODEL}-{key}"
@@ -189,7 +185,7 @@ def convert_gguf_to_cache(gguf: Path, folder: Path) -> Path:
 def default_model_path() -> Path:
     """The verified safetensors cache of the default model, converting it on first use."""
     gguf = find_default_gguf()
-    folder = _cache_folder(gguf)
+    folder = cache_folder(gguf)
     if not _verify(folder):
         convert_gguf_to_cache(gguf, folder)
     return folder
@@ -266,7 +262,7 @@ def model_depth(name: str | os.PathLike | None = None) -> int | None:
             gguf = find_default_gguf()
         except FileNotFoundError:
             return None
-        path = _cache_folder(gguf)
+        path = cache_folder(gguf)
         if not (path / "config.json").exists():  # not converted yet: the GGUF's own header
             from gguf import GGUFReader
 

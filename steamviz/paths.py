@@ -2,6 +2,9 @@
 
 - ``data_dir()``: the project's ``data/`` (edit set, reference facts), override with
   ``$STEAMVIZ_DATA``.
+- ``cache_dir()``: everything steamviz computes once and keeps on disk (converted models,
+  recall checks, anchors, banks, statistics, the IDF, fetched data), ``$STEAMVIZ_CACHE``,
+  default ``~/.cache/steamviz``. In-process caches are in :mod:`steamviz.memo`.
 - Public evaluation data (CounterFact, MQuAKE, LRE, ParaRel, WikiText) is fetched into the
   cache by :mod:`steamviz.fetch` (``steamviz data get NAME``).
 """
@@ -16,3 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def data_dir() -> Path:
     return Path(os.environ.get("STEAMVIZ_DATA", ROOT / "data"))
+
+
+def cache_dir() -> Path:
+    """Where steamviz keeps converted models and statistics (``$STEAMVIZ_CACHE``)."""
+    return Path(os.environ.get("STEAMVIZ_CACHE", Path.home() / ".cache" / "steamviz"))

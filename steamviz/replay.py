@@ -26,7 +26,7 @@ import numpy as np
 def _points(runner) -> dict[str, dict]:
     """The grid points drawn: ROME, and STEAM-ROME at the run's largest lambda (default
     alignment layers and no centring when the run has them), at the default edit layer."""
-    from .sweep import grid
+    from .plan import grid
 
     pts = [p for p in grid(runner.cfg, runner.hp.layer)
            if p.get("batch") is None and p.get("anchor_seed") in (None, runner.cfg.seed)
@@ -56,7 +56,8 @@ def replay_figures(run, lm=None, map_method: str = "pca", layer: int | None = No
     from .editors import edit
     from .geometry import fit_map
     from .integration import last_streams, logit_lens
-    from .sweep import Runner, SweepConfig
+    from .plan import SweepConfig
+    from .runner import Runner
 
     run = Path(run)
     cfg = SweepConfig.from_yaml(run / "config.yaml")

@@ -38,8 +38,9 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from .memo import memo
 from .arch import as_out_in, cache_kwargs, get_module, lm_head_logits, mlp_out_module
-from .capture import _Stop, hooks
+from .hooks import Tap, hooks, read, stream
 from .context import context_templates
 from .edits import WeightEdit, active_edits
 from .forward import layers_from, space
@@ -236,7 +237,7 @@ class VResult:
     seconds: float = 0.0
 
 
-def _keys_and_outputs(lm, layer: int, prompts: list[str], subjects: list[str], starts=None):
+def keys_and_outputs(lm, layer: int, prompts: list[str], subjects: list[str], starts=None):
     """Input and output of the edited projection at each prompt's subject-last token
     (``starts``: the subjects' character offsets, :func:`steamviz.tokens.fill`)."""
     mod = mlp_out_module(lm.model, layer)
@@ -244,23 +245,11 @@ def _keys_and_outputs(lm, layer: int, prompts: list[str], subjects: list[str], s
     starts = starts or [None] * len(prompts)
     pos = torch.tensor([subject_last(lm, p, s, i) for p, s, i in zip(prompts, subjects, starts)])
     b = pad(ids, lm.tok.pad_token_id, lm.device)
-    got = {}
-
-    def hook(m, args, out):
-        rows = torch.arange(len(ids), device=out.device)
-        x = args[0]
-        k, v = x[rows, pos.to(out.device)], out[rows, pos.to(out.device)]
-        got["k"], got["v"] = k.detach(), v.detach()
-        raise _Stop
-
-    base = get_module(lm.model, lm.adapter.base)
-    handles = [mod.register_forward_hook(hook)]
-    with hooks(handles), torch.no_grad():
-        try:
-            base(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
-        except _Stop:
-            pass
-    return got["k"], got["v"]
+    rows = torch.arange(len(ids), device=lm.device)
+    at = pos.to(lm.device)
+    got, _ = read(lm, b.input_ids, b.attention_mask,
+                  {"kv": Tap(mod, "both", keep=lambda kv: (kv[0][rows, at], kv[1][rows, at]))})
+    return got["kv"]
 
 
 def _prefix_cache(lm, ids: list[list[int]], cut: list[int], layer: int):
@@ -289,24 +278,16 @@ def _prefix_cache(lm, ids: list[list[int]], cut: list[int], layer: int):
     dtype = next(lm.model.parameters()).dtype
     neg = torch.finfo(dtype).min
     full_mask = torch.zeros((B, 1, T, T), dtype=dtype).masked_fill(~allow[:, None], neg)
-    blocks = get_module(lm.model, lm.adapter.layers)
-    base = get_module(lm.model, lm.adapter.base)
-    got = {}
-
-    def pre(m, args, kw):
-        got["h"] = (args[0] if args else kw["hidden_states"]).detach()
-
-    def key(m, args, out):  # the edited projection at each row's cut (subject's last token)
-        got["k"], got["v"] = args[0][:, P].detach(), out[:, P].detach()
-
     from transformers import DynamicCache
 
+    base = get_module(lm.model, lm.adapter.base)
     cache = DynamicCache()
-    handles = [blocks[layer].register_forward_pre_hook(pre, with_kwargs=True),
-               mlp_out_module(lm.model, layer).register_forward_hook(key)]
-    with hooks(handles), torch.no_grad():
-        out = base(input_ids=inp.to(dev), attention_mask=full_mask.to(dev),
-                   position_ids=pos.to(dev), use_cache=True, **cache_kwargs(base, cache))
+    taps = {"h": stream(lm, layer),  # entering block ``layer``
+            "kv": Tap(mlp_out_module(lm.model, layer), "both",  # the projection at the cut
+                      keep=lambda kv: (kv[0][:, P], kv[1][:, P]))}
+    got, out = read(lm, inp.to(dev), full_mask.to(dev), taps, stop=False,
+                    position_ids=pos.to(dev), use_cache=True, **cache_kwargs(base, cache))
+    got["k"], got["v"] = got["kv"]
     kv = []
     for i, lay in enumerate(cache.layers):
         if i < layer:
@@ -319,8 +300,8 @@ def _prefix_cache(lm, ids: list[list[int]], cut: list[int], layer: int):
     ), dict(keys=got["k"], outs=got["v"], last=out.last_hidden_state[:, P:])
 
 
-_PREP_CACHE: dict[tuple, Prepared] = {}
-_V_CACHE: dict[tuple, "VResult"] = {}  # v* per (model, request, hparams, objective)
+_PREP_CACHE: dict[tuple, Prepared] = memo("rome.prepared")
+_V_CACHE: dict[tuple, "VResult"] = memo("rome.v")  # v* per (model, request, hparams, objective)
 
 
 def _check_window(lm, rows: list[list[int]]) -> None:
@@ -351,7 +332,7 @@ def _left_vector(lm, hp: ROMEHparams, k_star: torch.Tensor) -> torch.Tensor:
     return u / u.norm()
 
 
-_CINV: dict[tuple, torch.Tensor] = {}
+_CINV: dict[tuple, torch.Tensor] = memo("rome.cinv")
 
 
 def prepare(lm, request: EditRequest, hp: ROMEHparams | None = None, use_cache: bool = True
@@ -439,10 +420,6 @@ def _run_suffix(lm, prep: Prepared) -> torch.Tensor:
     return out.last_hidden_state
 
 
-def clear_caches() -> None:
-    _PREP_CACHE.clear()
-    _CINV.clear()
-    _V_CACHE.clear()
 
 
 def compute_v(lm, prep: Prepared, hp: ROMEHparams | None = None, align: Align | None = None,

@@ -119,7 +119,7 @@ from typing import Sequence
 import torch
 
 from .arch import cache_in_kwargs, get_module, output_cache
-from .capture import _first_tensor, _Stop, hooks
+from .hooks import first_tensor, read, stream
 from .edits import Edit
 from .forward import space
 from .hparams import Hparams
@@ -567,8 +567,6 @@ def _states(lm, prompts: Sequence[str], layers: Sequence[int], batch_size: int =
     """Per prompt: ``{layer: [T, d]}`` streams (capture numbering) and, with ``final``, the
     stack's output ``[T, d]`` (final norm applied: the lm_head input), ``T`` its real length.
     Without ``final`` the pass stops after the highest layer. Prompts are batched by length."""
-    blocks = get_module(lm.model, lm.adapter.layers)
-    base = get_module(lm.model, lm.adapter.base)
     layers = sorted(set(layers))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     per: list = [None] * len(prompts)
@@ -576,23 +574,8 @@ def _states(lm, prompts: Sequence[str], layers: Sequence[int], batch_size: int =
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         b = encode(lm, [prompts[i] for i in idx])
-        got: dict[int, torch.Tensor] = {}
-
-        def keep(layer, out):
-            got[layer] = _first_tensor(out)
-            if not final and layer == layers[-1]:
-                raise _Stop
-
-        handles = []
-        with hooks(handles):
-            for layer in layers:
-                handles.append(blocks[layer - 1].register_forward_hook(
-                    lambda m, a, out, layer=layer: keep(layer, out)))
-            try:
-                out = base(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                           use_cache=False)
-            except _Stop:
-                out = None
+        got, out = read(lm, b.input_ids, b.attention_mask,
+                        {layer: stream(lm, layer) for layer in layers}, stop=not final)
         for k, (i, n) in enumerate(zip(idx, b.lengths.tolist())):
             per[i] = {layer: got[layer][k, :n].float() for layer in layers}
             if out is not None:
@@ -941,7 +924,7 @@ class SAKEEdit(Edit):
     def _subject_hook(self, module, args, out) -> None:
         if self._fwd is None:
             return
-        h = _first_tensor(out)  # [batch, seq, d]
+        h = first_tensor(out)  # [batch, seq, d]
         match = self.scope.subject_sim(h) >= self.scope.subject_threshold
         valid = self._valid(self._fwd, h)
         if valid is not None:
@@ -955,7 +938,7 @@ class SAKEEdit(Edit):
     def _query_hook(self, module, args, out) -> None:
         if self._fwd is None:
             return
-        h = _first_tensor(out)
+        h = first_tensor(out)
         self._fwd["query"] = self.scope.query_sim(h) >= self.scope.query_threshold
 
     def _post(self, module, args, kwargs, out):

@@ -21,10 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import mlp_out_module
-from .capture import _Stop, hooks
+from .hooks import Tap, read
 from .edits import require_unedited
 from .io import load_tensors, save_tensors
-from .models import cache_dir
+from .paths import cache_dir
 from .tokens import pad
 
 
@@ -121,26 +121,12 @@ def second_moment(
     d_in = mod.weight.shape[0] if lm.adapter.conv1d else mod.weight.shape[1]
     acc = torch.zeros(d_in, d_in, dtype=torch.float64)
     count = 0
-    from .arch import get_module
-
-    base = get_module(lm.model, lm.adapter.base)
     bar = tqdm(total=sum(len(c) for c in chunks), desc=f"mom2 layer {layer}", unit="tok",
                disable=not progress)
     for s in range(0, len(chunks), batch_size):
         b = pad(chunks[s : s + batch_size], lm.tok.pad_token_id, lm.device)
         keep = b.attention_mask.bool()
-        got = {}
-
-        def hook(m, args, kw):
-            got["k"] = (args[0] if args else kw["input"])
-            raise _Stop
-
-        handles = [mod.register_forward_pre_hook(hook, with_kwargs=True)]
-        with hooks(handles):
-            try:
-                base(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
-            except _Stop:
-                pass
+        got, _ = read(lm, b.input_ids, b.attention_mask, {"k": Tap(mod, "input")})
         k = got["k"][keep].double().cpu()
         acc += k.T @ k
         count += k.shape[0]

@@ -195,11 +195,11 @@ class SweepExplorer:
         fig = go.Figure()
         lines = self._lines()
         # earlier lines a little wider: ROME's still shows where STEAM's covers it exactly
-        for (name, method, d), w in zip(lines, figures._widths(len(lines))):
+        for (name, method, d), w in zip(lines, figures.line_widths(len(lines))):
             fig.add_trace(go.Scatter(y=_layers_mean(d, self.col), mode="lines", name=name,
                                      line=dict(color=figures.color(method), width=w)))
         fig.update_xaxes(title=figures.LAYER_AXIS)
-        fig.update_yaxes(title=figures._cos_title(self.col, "mean over edits"))
+        fig.update_yaxes(title=figures.cos_title(self.col, "mean over edits"))
         return figures.style(fig, height=300)
 
     def _metric_figure(self) -> go.Figure:

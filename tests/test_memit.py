@@ -7,6 +7,7 @@ from steamviz import memit
 from steamviz.forward import target_logprobs
 from steamviz.memit import MEMITHparams
 from steamviz.requests import EditRequest
+from steamviz.memo import clear_caches
 
 FAST = dict(context_template_length_params=((5, 2), (10, 2)), v_num_grad_steps=12)
 
@@ -131,13 +132,13 @@ def test_z_clamp_and_decay_are_relative_to_the_residual_stream(arch, tokenizer, 
     block z_layer at the subject's last token of the bare prompt (not the MLP output)."""
     from conftest import build_tiny
 
-    from steamviz import lean, rome
+    from steamviz import lean
 
     lm = build_tiny(arch, tokenizer)
     L = 2  # z_layer
     assert (lean.unsupported(lm.model, L) is None) == (arch == "llama")
-    memit.clear_caches()
-    rome.clear_caches()
+    clear_caches("memit")
+    clear_caches("rome")
     seen = _spy_compute_v(monkeypatch)
     hp = MEMITHparams(layers=(1, L), clamp_norm_factor=0.05, v_weight_decay=0.5, v_lr=0.5,
                       v_num_grad_steps=4, early_stop_loss=0.0,
@@ -174,7 +175,6 @@ def test_keys_are_the_mean_of_per_type_means(tokenizer, monkeypatch):
     written update, dW = delta k^T / (w s + k.k) for one request at one layer (C = s I)."""
     from conftest import build_tiny
 
-    from steamviz import rome
     from steamviz.context import context_templates
 
     lm = build_tiny("llama", tokenizer)
@@ -202,8 +202,8 @@ def test_keys_are_the_mean_of_per_type_means(tokenizer, monkeypatch):
     K = torch.stack(keys).double()
     k_types = (K[0] + K[1:3].mean(0) + K[3:6].mean(0)) / 3
     k_flat = K.mean(0)
-    memit.clear_caches()
-    rome.clear_caches()
+    clear_caches("memit")
+    clear_caches("rome")
     seen = _spy_compute_v(monkeypatch)
     w = 64.0
     hp = MEMITHparams(layers=(L,), v_num_grad_steps=3, mom2_update_weight=w,

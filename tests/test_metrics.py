@@ -8,6 +8,7 @@ import pytest
 from steamviz import fetch, metrics
 from steamviz.edits import Edit, EditedModelError
 from steamviz.requests import EditRequest
+from steamviz.memo import clear_caches
 
 from conftest import data_missing
 
@@ -46,9 +47,9 @@ def test_tfidf_cosine():
 def fresh_idf(tmp_path, monkeypatch):
     """An empty steamviz cache and no in-process IDF (the mirror, if any, stays)."""
     monkeypatch.setenv("STEAMVIZ_CACHE", str(tmp_path))
-    metrics.clear_caches()
+    clear_caches("metrics")
     yield tmp_path
-    metrics.clear_caches()
+    clear_caches("metrics")
 
 
 @needs_wikitext
@@ -85,7 +86,7 @@ def test_tfidf_idf_is_cached_and_reused(fresh_idf, monkeypatch):
 
     monkeypatch.setattr(metrics, "_fit_idf", no_refit)
     assert metrics.corpus_idf() is first  # memoised in the process
-    metrics.clear_caches()
+    clear_caches("metrics")
     again = metrics.corpus_idf()  # from the file
     assert again.terms == first.terms and (again.idf == first.idf).all()
     assert metrics.tfidf_cosine("Paris is in France", "Lyon is in France") == pytest.approx(
@@ -94,7 +95,7 @@ def test_tfidf_idf_is_cached_and_reused(fresh_idf, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("STEAMVIZ_CACHE", str(fresh_idf))
     path.write_text('{"kind": "tfidf-idf", "key": "other", "terms": [], "idf": []}')
-    metrics.clear_caches()
+    clear_caches("metrics")
     with pytest.warns(UserWarning, match="bad IDF cache file"):
         assert metrics.corpus_idf().terms == first.terms
     assert json.loads(path.read_text())["key"] == stored["key"]

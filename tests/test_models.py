@@ -31,7 +31,7 @@ def test_cache_manifest_detects_corruption(tmp_path):
 
 
 def test_default_cache_is_verified(lm):
-    folder = models._cache_folder(find_default_gguf())
+    folder = models.cache_folder(find_default_gguf())
     assert _verify(folder) and (folder / "model.safetensors").exists()
 
 

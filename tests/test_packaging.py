@@ -126,3 +126,40 @@ def test_nothing_in_the_package_loads_pickles():
             if needle in text:
                 bad.append(f"{p.name}: {needle}")
     assert not bad, bad
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """``{module: steamviz modules it imports}``, deferred (in-function) imports included."""
+    import ast
+
+    pkg = ROOT / "steamviz"
+    mods = {p.stem for p in pkg.glob("*.py")}
+    graph = {}
+    for p in pkg.glob("*.py"):
+        deps = set()
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.ImportFrom) and n.level == 1:
+                deps |= {n.module.split(".")[0]} if n.module else {a.name for a in n.names}
+        graph[p.stem] = {d for d in deps if d in mods and d != p.stem}
+    return graph
+
+
+def test_the_package_has_no_import_cycle():
+    """Data flows one way (model -> capture -> edit -> measure -> run -> show): no module
+    imports, even lazily, a module that imports it back."""
+    graph = _import_graph()
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(m, path):
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(d):] + [d]))
+            if d not in state:
+                visit(d, path + [d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert graph["executors"] <= {"plan", "runner"}, "executors drives the runner, never sweep"

@@ -7,6 +7,7 @@ import pytest
 from steamviz import pool
 from steamviz.datasets import Fact
 from steamviz.requests import EditRequest, RequestError
+from steamviz.memo import clear_caches
 
 
 def test_polyglot_rows_become_facts_with_the_subject_slot(tmp_path):
@@ -107,7 +108,7 @@ def test_recall_rules_nest_and_the_cache_survives_a_torn_line(tokenizer, tmp_pat
     from steamviz import anchors
 
     monkeypatch.setenv("STEAMVIZ_CACHE", str(tmp_path))
-    anchors.clear_caches()
+    clear_caches("anchors")
     tiny = build_tiny("llama", tokenizer)
     facts = [Fact(f"s{i}", "P17", o, "{} is a city in") for i, o in
              enumerate(["Japan", "France", "Italy", "Spain", "Chile", "Peru"] * 4)]
@@ -120,7 +121,7 @@ def test_recall_rules_nest_and_the_cache_survives_a_torn_line(tokenizer, tmp_pat
     assert len(path.read_text().splitlines()) == len({(f.prompt, f.object) for f in facts})
     with open(path, "a") as fh:  # a process killed mid-write
         fh.write('["s0 is a city in", "Jap')
-    anchors.clear_caches()
+    clear_caches("anchors")
     assert anchors.recalled(tiny, facts, rule="top3") == t3  # read back, torn line skipped
 
 

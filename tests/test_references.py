@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from steamviz import anchors, rome
+from steamviz import rome
 from steamviz.anchors import Anchor, build_anchor, recalled, reference_bank
 from steamviz.datasets import Fact
 from steamviz.edits import Edit, EditedModelError
@@ -18,6 +18,7 @@ from steamviz.requests import EditRequest
 from steamviz.rome import ROMEHparams
 from steamviz.steam import AlignLoss
 from steamviz.sweep import Store, SweepConfig, run_sweep
+from steamviz.memo import clear_caches
 
 FACTS = [Fact(s, "capital_of", "Japan", "{} is the capital of") for s in
          ("Tokyo", "Kyoto", "Osaka", "Nara")] + [
@@ -52,12 +53,12 @@ def test_every_reference_builder_refuses_an_edited_model(tiny, tmp_path, monkeyp
 
 def test_anchor_and_bank_caches_are_safetensors_and_validated(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("STEAMVIZ_CACHE", str(tmp_path))
-    anchors.clear_caches()
+    clear_caches("anchors")
     a = build_anchor(tiny, "Japan", facts=FACTS, require_recall=False)
     bank = reference_bank(tiny, facts=FACTS)
     files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
     assert files and all(f.endswith(".safetensors") for f in files), files
-    anchors.clear_caches()  # from disk now
+    clear_caches("anchors")  # from disk now
     b = build_anchor(tiny, "Japan", facts=FACTS, require_recall=False)
     assert torch.equal(a.phi, b.phi) and b.facts == a.facts and b.report == a.report
     assert torch.equal(reference_bank(tiny, facts=FACTS).tensor, bank.tensor)
@@ -66,12 +67,12 @@ def test_anchor_and_bank_caches_are_safetensors_and_validated(tiny, tmp_path, mo
     from steamviz.io import save_tensors
 
     save_tensors(path, {"phi": torch.zeros(3, 3)}, dict(kind="anchor", key="other"))
-    anchors.clear_caches()
+    clear_caches("anchors")
     with pytest.warns(UserWarning, match="bad anchor cache file"):
         c = build_anchor(tiny, "Japan", facts=FACTS, require_recall=False)
     assert torch.equal(c.phi, a.phi)
     path.write_bytes(b"not a tensor file")
-    anchors.clear_caches()
+    clear_caches("anchors")
     with pytest.warns(UserWarning, match="bad anchor cache file"):
         assert torch.equal(build_anchor(tiny, "Japan", facts=FACTS, require_recall=False).phi,
                            a.phi)
@@ -182,7 +183,7 @@ def test_resumed_and_partial_runs_read_the_same_references(tmp_path, monkeypatch
     against exactly the references of a fresh run (built before any edit, from a cold
     cache each time)."""
     def cold():
-        anchors.clear_caches()
+        clear_caches("anchors")
         cache = tmp_path / f"cache{len(list(tmp_path.glob('cache*')))}"
         monkeypatch.setenv("STEAMVIZ_CACHE", str(cache))
 
@@ -235,7 +236,7 @@ def test_anchor_seed_axis_multiplies_every_point():
 
 def test_plain_rome_reuses_its_target_vector_exactly(tiny):
     hp = ROMEHparams(layer=1, context_template_length_params=((5, 2),), v_num_grad_steps=3)
-    rome.clear_caches()
+    clear_caches("rome")
     with rome.apply(tiny, REQ, hp) as a:
         first = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     with rome.apply(tiny, REQ, hp) as b:

@@ -247,11 +247,11 @@ def test_subject_is_located_from_the_template_not_by_search(tokenizer, monkeypat
     want = [n0 + len(rome.token_ids(lm, c.replace("{}", "Toronto"))) - 1 for c in ctx]
     assert prep.subj_pos[:2] == want  # the old code took the context's "Toronto"
     k, k_all = memit._keys(lm, 1, [REQ], ctx)
-    k_ref, _ = rome._keys_and_outputs(
+    k_ref, _ = rome.keys_and_outputs(
         lm, 1, [c.replace("{}", REQ.rewrite_prompt) for c in ctx], ["Toronto"] * 2,
         starts=[c.index("{}") for c in ctx])
     torch.testing.assert_close(k_all, k_ref)
-    assert not torch.allclose(k_all[1], rome._keys_and_outputs(
+    assert not torch.allclose(k_all[1], rome.keys_and_outputs(
         lm, 1, ["Toronto is big. " + REQ.rewrite_prompt], ["Toronto"])[0][0])
 
 

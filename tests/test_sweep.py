@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from steamviz.sweep import ConfigError, Store, SweepConfig, grid, run_sweep, units
+from steamviz.memo import clear_caches
 
 SMALL = dict(data="default", n_edits=2, methods=["rome", "steam-rome"], lams=[50.0],
              generation=False, bank_size=100,
@@ -134,9 +135,9 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(tmp_path, lm):
 
 
 def test_every_builtin_editor_is_registered():
-    from steamviz.editors import BATCH_METHODS, METHODS, _load_builtin
+    from steamviz.editors import BATCH_METHODS, METHODS, load_builtin
 
-    _load_builtin()
+    load_builtin()
     assert {"rome", "steam-rome", "memit", "steam-memit", "sake", "baft", "kne"} <= set(METHODS)
     assert {"memit", "steam-memit"} == set(BATCH_METHODS)
 
@@ -146,7 +147,7 @@ def test_a_registered_method_gets_the_grid_axes_it_declares_and_no_other(monkeyp
     from steamviz import editors
     from steamviz.sweep import Runner
 
-    editors._load_builtin()
+    editors.load_builtin()
     for name in ("METHODS", "BATCH_METHODS", "PARAMS", "METHOD_AXES", "DISPLAY"):
         monkeypatch.setattr(editors, name, dict(getattr(editors, name)))  # undone after
     editors.register("toy-steam", axes=("lam",))(lambda lm, r, **kw: None)
@@ -249,7 +250,7 @@ def test_sweep_optimises_a_requests_objectives_together(tmp_path, lm, monkeypatc
         return real(lm_, prep, hp, aligns, *a, **k)
 
     monkeypatch.setattr(rome, "compute_vs", spy)
-    rome.clear_caches()
+    clear_caches("rome")
     cfg = SweepConfig.from_dict(dict(SMALL, n_edits=1, lams=[5.0, 50.0], include_unedited=False))
     df = run_sweep(cfg, tmp_path / "run", lm=lm, progress=False, log=lambda s: None)
     assert calls == [3] and len(df) == 3  # ROME, lambda 5, lambda 50: one optimisation
@@ -257,7 +258,7 @@ def test_sweep_optimises_a_requests_objectives_together(tmp_path, lm, monkeypatc
     req = r.requests()[0]
     for p in grid(cfg, r.hp.layer):
         row = df[(df.method == p["method"]) & (df.lam.fillna(-1) == (p["lam"] or -1))].iloc[0]
-        rome.clear_caches()
+        clear_caches("rome")
         with edit(lm, req, p["method"], **r.edit_kwargs(p, [req])) as e:
             one = e.info["losses"][-1]
         assert row.steps == e.info["steps"]
