@@ -84,12 +84,12 @@ def _check_recall(rule: str) -> None:
 def _check_edit_args(method: str, lam, params: dict, model=None) -> dict:
     """Everything about the editor that can be checked before the model loads (block
     indices against the depth in ``model``'s config)."""
-    from .editors import METHODS, load_builtin, check_params
+    from .editors import check_params, methods
     from .models import model_depth
 
-    load_builtin()
-    if method.lower() not in METHODS:
-        raise UsageError(f"--method {method!r}: unknown; choose one of {sorted(METHODS)}")
+    known = methods(batch=False)
+    if method.lower() not in known:
+        raise UsageError(f"--method {method!r}: unknown; choose one of {known}")
     if lam is not None:
         if not method.lower().startswith("steam"):
             raise UsageError(f"--lam is STEAM's alignment strength; --method {method} has none "

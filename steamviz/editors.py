@@ -36,8 +36,6 @@ from .edits import Edit
 from .hparams import unknown_field
 from .requests import EditRequest
 
-METHODS: dict[str, Callable[..., Edit]] = {}
-BATCH_METHODS: dict[str, Callable[..., Edit]] = {}
 BUILTIN_MODULES = ("memit", "steam", "sake", "baft", "kne")
 
 
@@ -84,39 +82,61 @@ def display(method: str) -> Display:
     return Display(str(method), free[sum(map(ord, key)) % len(free)])
 
 
-#: method -> (its hyperparameter dataclass, the other keyword arguments it takes)
-PARAMS: dict[str, tuple[type, tuple[str, ...]]] = {}
 #: the grid axes a sweep can give a method: the edited block (``layer``), the alignment
 #: strength with its alignment layers and centring (``lam``), the requests edited at once
 #: (``batch``; batch editors only)
 AXES = ("layer", "lam", "batch")
-#: method -> its grid axes (a method without a row has none: one point per request)
-METHOD_AXES: dict[str, tuple[str, ...]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
 class Editor:
-    """What the registry knows of a method (:func:`spec`)."""
+    """Everything the registry knows of a method: its row of :data:`REGISTRY` (:func:`spec`).
+
+    ``fn(lm, request, **params) -> Edit`` edits one request (:func:`edit`); ``batch_fn(lm,
+    requests, **params) -> Edit`` many at once (:func:`edit_batch`); either may be None.
+    ``params``: the hyperparameter dataclass (its fields are the keyword parameters
+    :func:`check_params` accepts), ``extra``: the other keyword arguments it takes, ``axes``:
+    its sweep grid axes in the order of :data:`AXES` (none: one point per request)."""
 
     name: str
-    batch: bool  # takes many requests at once (:func:`edit_batch`)
-    params: type | None  # its hyperparameter dataclass (None: not declared)
-    extra: tuple[str, ...]  # the other keyword arguments it takes
-    axes: tuple[str, ...]  # its sweep grid axes, in the order of :data:`AXES`
-    display: Display
+    fn: Callable[..., Edit] | None = None
+    batch_fn: Callable[..., Edit] | None = None
+    params: type | None = None
+    extra: tuple[str, ...] = ()
+    axes: tuple[str, ...] = ()
+
+    @property
+    def batch(self) -> bool:
+        """Whether it takes many requests at once (:func:`edit_batch`)."""
+        return self.batch_fn is not None
+
+    @property
+    def display(self) -> Display:
+        return display(self.name)
+
+
+#: method -> its row: one row per editor, written by :func:`register`
+REGISTRY: dict[str, Editor] = {}
+
+
+def methods(batch: bool | None = None) -> list[str]:
+    """The registered methods, sorted: all (``batch=None``), those that edit one request at a
+    time (``False``) or the batch editors (``True``)."""
+    load_builtin()
+    return sorted(k for k, e in REGISTRY.items()
+                  if batch is None or (e.batch if batch else e.fn is not None))
 
 
 def spec(method: str) -> Editor:
     """The registry's row of ``method``; a ValueError for a method nobody registered."""
     key = str(method).lower()
-    if key not in METHODS and key not in BATCH_METHODS:
+    if key not in REGISTRY:
         load_builtin()
-    if key not in METHODS and key not in BATCH_METHODS:
-        raise ValueError(f"unknown editing method {method!r}; choose from "
-                         f"{sorted(set(METHODS) | set(BATCH_METHODS))}")
-    params, extra = PARAMS.get(key, (None, ()))
-    return Editor(key, key in BATCH_METHODS, params, extra, METHOD_AXES.get(key, ()),
-                  display(key))
+    if key not in REGISTRY:
+        raise ValueError(f"unknown editing method {method!r}; choose from {methods()}")
+    return REGISTRY[key]
+
+
 #: hyperparameter fields that name blocks (checked against the model's depth)
 LAYER_FIELDS = ("layer", "layers", "subject_layer", "query_layer")
 
@@ -125,28 +145,31 @@ def register(name: str, batch: bool = False, params: type | None = None, extra: 
              label: str | None = None, color: str | None = None, axes: tuple | None = None):
     """Decorator: register ``fn(lm, request, **params) -> Edit`` under ``name``; with
     ``batch=True``, ``fn(lm, requests, **params) -> Edit`` for :func:`edit_batch`.
+    Registering the other kind under the same name adds it to the same :class:`Editor` row.
     ``params``: the method's hyperparameter dataclass (its fields are the keyword
     parameters :func:`check_params` accepts), ``extra``: other keyword arguments.
     ``label``/``color``: the method's :data:`DISPLAY` row (kept when not given).
     ``axes``: the method's sweep grid axes, a subset of :data:`AXES` (kept when not given)."""
     key = name.lower()
+    row = REGISTRY.get(key, Editor(key))
     if axes is not None:
         bad = [a for a in axes if a not in AXES]
         if bad:
             raise ValueError(f"{name}: unknown grid axes {bad}; choose from {list(AXES)}")
-        if "batch" in axes and not (batch or key in BATCH_METHODS):
+        if "batch" in axes and not (batch or row.batch):
             raise ValueError(f"{name}: only a batch editor (batch=True) has a 'batch' axis")
 
     def deco(fn):
-        (BATCH_METHODS if batch else METHODS)[key] = fn
+        new = dataclasses.replace(row, **({"batch_fn": fn} if batch else {"fn": fn}))
         if params is not None:
-            PARAMS[key] = (params, tuple(extra))
+            new = dataclasses.replace(new, params=params, extra=tuple(extra))
+        if axes is not None:
+            new = dataclasses.replace(new, axes=tuple(a for a in AXES if a in axes))
+        REGISTRY[key] = new
         if label is not None or color is not None:
             old = display(key)
             DISPLAY[key] = Display(label or old.label, color or old.color,
                                    label or old.short)
-        if axes is not None:
-            METHOD_AXES[key] = tuple(a for a in AXES if a in axes)
         return fn
 
     return deco
@@ -207,14 +230,13 @@ def check_params(method: str, params: dict, n_layers: int | None = None) -> str 
     >>> check_params("rome", {"v_num_grad_steps": "abc"})  # doctest: +ELLIPSIS
     "v_num_grad_steps takes a value of the type of its default 25 (int), got 'abc'"
     """
-    key = method.lower()
-    if key not in METHODS:
-        load_builtin()
-    if key not in METHODS and key not in BATCH_METHODS:
-        return f"unknown editing method {method!r}; choose from {sorted(METHODS)}"
-    if key not in PARAMS:
+    try:
+        row = spec(method)
+    except ValueError as e:
+        return str(e)
+    if row.params is None:
         return None  # a user's method without a declared hyperparameter class
-    cls, extra = PARAMS[key]
+    cls, extra = row.params, row.extra
     why = check_fields(cls, {k: v for k, v in params.items() if k not in extra}, method.upper(),
                        n_layers)
     for k in LAYER_FIELDS:  # grid arguments naming blocks (edited layer, alignment layers)
@@ -226,33 +248,30 @@ def check_params(method: str, params: dict, n_layers: int | None = None) -> str 
 def edit(lm, request: EditRequest | dict, method: str = "rome", **params) -> Edit:
     if isinstance(request, dict):
         request = EditRequest.from_dict(request)
-    key = method.lower()
-    if key not in METHODS:
-        load_builtin()
-    if key not in METHODS:
-        raise ValueError(f"unknown editing method {method!r}; choose from {sorted(METHODS)}")
+    row = spec(method)
+    if row.fn is None:
+        raise ValueError(f"{method!r} edits many requests at once: use edit_batch(lm, "
+                         f"[request], {method!r}); one request at a time: {methods(batch=False)}")
     request.check_length(lm)
-    return METHODS[key](lm, request, **params)
+    return row.fn(lm, request, **params)
 
 
 def edit_batch(lm, requests, method: str = "memit", **params) -> Edit:
     """Edit with many requests at once (batch editors only); one undoable Edit."""
     requests = [EditRequest.from_dict(r) if isinstance(r, dict) else r for r in requests]
-    key = method.lower()
-    if key not in BATCH_METHODS:
-        load_builtin()
-    if key not in BATCH_METHODS:
+    row = spec(method)
+    if not row.batch:
         raise ValueError(f"{method!r} is not a batch editor; batch editors: "
-                         f"{sorted(BATCH_METHODS)} (edit one request at a time with edit())")
+                         f"{methods(batch=True)} (edit one request at a time with edit())")
     for r in requests:
         r.check_length(lm)
-    return BATCH_METHODS[key](lm, requests, **params)
+    return row.batch_fn(lm, requests, **params)
 
 
 def load_builtin() -> None:
     import importlib
 
-    if "rome" not in METHODS:
+    if "rome" not in REGISTRY:
         _register_builtin()
     for mod in BUILTIN_MODULES:  # they register themselves on import
         importlib.import_module(f"{__package__}.{mod}")

@@ -195,15 +195,6 @@ def group_colors(points) -> dict:
     return out
 
 
-# kept for callers of the earlier private names
-def _label(method: str, lam=None, centered=None) -> str:
-    return label(method, lam, centered)
-
-
-def _color(method: str, i: int = 0) -> str:
-    return color(method)
-
-
 def _legend_only(name: str, dash: str = "solid", col: str = "#555555",
                  mode: str = "lines", marker: dict | None = None) -> go.Scatter:
     """A legend entry that draws nothing (explains a line style shared by many traces)."""

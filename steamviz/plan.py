@@ -96,9 +96,9 @@ class SweepConfig:
     def validate(self, n_layers: int | None = None) -> None:
         """Refuse a bad value naming its key (:class:`ConfigError`). With ``n_layers`` (the
         model's depth, :func:`steamviz.models.model_depth`), block indices are checked too."""
-        from .editors import METHODS, load_builtin, check_params
+        from .editors import check_params, methods
 
-        load_builtin()
+        known = methods(batch=False)  # a sweep edits one request at a time, or in batches of it
 
         def need(cond, key, what):
             if not cond:
@@ -106,7 +106,7 @@ class SweepConfig:
 
         need(isinstance(self.methods, list) and self.methods, "methods", "a non-empty list")
         for m in self.methods:
-            need(str(m).lower() in METHODS, "methods", f"each one of {sorted(METHODS)}")
+            need(str(m).lower() in known, "methods", f"each one of {known}")
         need(isinstance(self.lams, list) and all(
             isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0
             for x in self.lams), "lams", "a list of numbers >= 0")
@@ -138,9 +138,9 @@ class SweepConfig:
             isinstance(x, int) and x > 0 for x in self.batch_sizes), "batch_sizes",
             "a non-empty list of positive integers")
         need(isinstance(self.method_params, dict) and all(
-            str(k).lower() in METHODS and isinstance(v, dict)
+            str(k).lower() in known and isinstance(v, dict)
             for k, v in self.method_params.items()), "method_params",
-            f"a mapping of method (one of {sorted(METHODS)}) to a mapping of parameters")
+            f"a mapping of method (one of {known}) to a mapping of parameters")
         for key, typ, least in (("offset", int, 0), ("knn_k", int, 1), ("max_new_tokens", int, 1),
                                 ("seed", int, None)):
             v = getattr(self, key)

@@ -250,8 +250,8 @@ def test_method_colours_and_labels_come_from_the_registry(monkeypatch):
     assert [t.marker.color for t in panel.metrics_fig.data if t.name == "Rome-X"] == ["#123456"]
     # a method registered with a label and a colour gets its row
     monkeypatch.setattr(editors, "DISPLAY", dict(rows))
+    monkeypatch.setattr(editors, "REGISTRY", dict(editors.REGISTRY))
     editors.register("my-editor", label="Mine", color="#654321")(lambda lm, r: None)
-    monkeypatch.delitem(editors.METHODS, "my-editor")
     assert figures.label("my-editor") == "Mine" and figures.color("my-editor") == "#654321"
 
 

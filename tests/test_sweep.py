@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from steamviz.sweep import ConfigError, Store, SweepConfig, grid, run_sweep, units
@@ -135,11 +136,12 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(tmp_path, lm):
 
 
 def test_every_builtin_editor_is_registered():
-    from steamviz.editors import BATCH_METHODS, METHODS, load_builtin
+    from steamviz.editors import REGISTRY, methods
 
-    load_builtin()
-    assert {"rome", "steam-rome", "memit", "steam-memit", "sake", "baft", "kne"} <= set(METHODS)
-    assert {"memit", "steam-memit"} == set(BATCH_METHODS)
+    assert {"rome", "steam-rome", "memit", "steam-memit", "sake", "baft", "kne"} <= set(
+        methods(batch=False))
+    assert {"memit", "steam-memit"} == set(methods(batch=True))
+    assert set(methods()) == set(REGISTRY)  # one row per method, batch or not
 
 
 def test_a_registered_method_gets_the_grid_axes_it_declares_and_no_other(monkeypatch):
@@ -148,7 +150,7 @@ def test_a_registered_method_gets_the_grid_axes_it_declares_and_no_other(monkeyp
     from steamviz.sweep import Runner
 
     editors.load_builtin()
-    for name in ("METHODS", "BATCH_METHODS", "PARAMS", "METHOD_AXES", "DISPLAY"):
+    for name in ("REGISTRY", "DISPLAY"):
         monkeypatch.setattr(editors, name, dict(getattr(editors, name)))  # undone after
     editors.register("toy-steam", axes=("lam",))(lambda lm, r, **kw: None)
     editors.register("toy-batch", batch=True, axes=("layer", "batch"))(lambda lm, rs, **kw: None)
@@ -264,3 +266,39 @@ def test_sweep_optimises_a_requests_objectives_together(tmp_path, lm, monkeypatc
         assert row.steps == e.info["steps"]
         assert row.final_nll == pytest.approx(one["nll"], rel=1e-3, abs=1e-4)
     assert calls[1:] == [1, 1, 1]
+
+
+@pytest.mark.model
+def test_a_toy_editor_in_one_module_runs_in_a_sweep_and_shows_in_its_figures(lm, tmp_path,
+                                                                            monkeypatch):
+    """Issue #19: a new editor is one module (tests/toy_editor.py) with one registry entry;
+    the sweep gives it the axes it declares and the figures draw it with its label/colour."""
+    import importlib
+
+    from steamviz import editors, figures
+
+    editors.load_builtin()
+    monkeypatch.setattr(editors, "REGISTRY", dict(editors.REGISTRY))  # undone after
+    monkeypatch.setattr(editors, "DISPLAY", dict(editors.DISPLAY))
+    import toy_editor
+
+    importlib.reload(toy_editor)  # registers into this test's copy of the registry
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()
+              if n.startswith(lm.adapter.layers)}
+    cfg = SweepConfig.from_dict(dict(SMALL, methods=["rome", toy_editor.NAME], edit_layers=[4]))
+    df = run_sweep(cfg, tmp_path / "run", lm=lm, progress=False, log=lambda s: None)
+    toy = df[df.method == toy_editor.NAME]
+    assert len(toy) == 2 and set(toy.layer) == {4}  # its declared axis, from the grid
+    assert toy.cos_centered_layers.notna().all() and toy.efficacy.notna().all()
+    unedited = df[df.method == "unedited"].set_index("case_id").cos_centered
+    assert (toy.set_index("case_id").cos_centered != unedited).all()  # it did edit
+    for n, p in lm.model.named_parameters():  # every edit undone after its point
+        if n in before:
+            assert torch.equal(p, before[n]), n
+    figs = figures.sweep_figures(df, log=lambda s: None)
+    for name in ("layer_cosine", "tradeoff"):
+        drawn = [t for t in figs[name].data if str(t.name).startswith(toy_editor.LABEL)]
+        assert drawn, f"{name} does not draw the toy editor"
+        colours = {getattr(getattr(t, "line", None), "color", None) for t in drawn} | {
+            getattr(getattr(t, "marker", None), "color", None) for t in drawn}
+        assert toy_editor.COLOR in colours, (name, colours)
