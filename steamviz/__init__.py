@@ -2,10 +2,10 @@
 
 Data flows one way: model -> capture -> edit -> capture -> metrics / geometry -> figures.
 
->>> import steamviz as sv                                  # doctest: +SKIP
->>> lm = sv.load_model()                                   # SmolLM2-135M, offline
->>> cap = sv.capture(lm, ["The capital of France is"])     # [prompt, layer, pos, hidden]
->>> edit = sv.rome.apply(lm, request); edit.restore()
+>>> import steamviz as sv
+>>> lm = sv.load_model()                # SmolLM2-135M, offline               # doctest: +SKIP
+>>> cap = sv.capture(lm, ["The capital of France is"])  # [prompt, layer, pos, hidden]  # doctest: +SKIP
+>>> edit = sv.rome.apply(lm, request); edit.restore()                        # doctest: +SKIP
 
 Importing steamviz is cheap: submodules (and torch-heavy or numba-heavy dependencies such
 as umap) load on first use.
@@ -34,6 +34,7 @@ _SUBMODULES = {
     "paths", "requests", "rome", "stats", "tokens", "steam", "anchors", "integration",
     "geometry", "figures", "sweep", "widgets", "editors", "evaluation", "io", "memit", "cli",
     "executors", "sake", "baft", "kne", "hooks", "memo", "hparams", "plan", "store", "runner",
+    "style", "maps",
 }
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)

@@ -269,7 +269,13 @@ def _compare(args) -> int:
         return 2
     print(f"Paired differences (point - {args.baseline}) per edit, bootstrap 95% CI, "
           "two-sided sign-flip p; integration metrics are held out (paraphrase prompts).\n")
-    print(markdown(t.round(4).set_index("metric")))
+    if args.table:
+        from .compare import table
+
+        print("Bold: the CI excludes 0 and p < 0.05.\n")
+        print(table(t))
+    else:
+        print(markdown(t.round(4).set_index("metric")))
     return 0
 
 
@@ -472,6 +478,8 @@ def main(argv=None) -> int:
     c.add_argument("--baseline", default="rome")
     c.add_argument("--metrics", default="efficacy,paraphrase,neighborhood,portability,"
                    "cos_centered,cos_centered_control,cos_centered_trained,knn_share,axis,steps")
+    c.add_argument("--table", action="store_true",
+                   help="one row per metric, one column per method: the table of docs/results.md")
     c.set_defaults(fn=_compare)
     args = ap.parse_args(argv)
     from .fetch import DataError

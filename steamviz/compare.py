@@ -114,7 +114,9 @@ def paired(df: pd.DataFrame, metrics: Sequence[str], baseline: str = "rome",
                             p=sign_flip_p(d.values, seed=seed),
                             mean=float(a_m.mean()) if len(d) else float("nan"),
                             baseline_mean=float(b_m.mean()) if len(d) else float("nan")))
-    return pd.DataFrame(out)
+    table = pd.DataFrame(out)
+    table.attrs["baseline"] = baseline
+    return table
 
 
 def paired_layers(df: pd.DataFrame, col: str, baseline: str = "rome", n_boot: int = 4000,
@@ -232,3 +234,50 @@ def sentences(df: pd.DataFrame, metrics: Sequence[str], baseline: str = "rome",
                        f"{_signed(r.low)} to {_signed(r.high)}; {r.n} edits, p = {r.p:.2f}): "
                        f"{verdict}")
     return out
+
+
+def table(t: pd.DataFrame, alpha: float = 0.05, digits: int = 3) -> str:
+    """A markdown table of :func:`paired`'s rows: one row per metric, the baseline's mean, then
+    one column per grid point with ``diff [low, high]``; bold (with ``p``) where the CI
+    excludes 0 and the sign-flip p < ``alpha``. Column heads say the method, its lambda and
+    the number of paired edits.
+
+    >>> df = pd.DataFrame(dict(case_id=[1, 2, 3, 1, 2, 3], method=["rome"] * 3 + ["kne"] * 3,
+    ...                        cos=[0.1, 0.2, 0.3, 0.2, 0.3, 0.5]))
+    >>> print(table(paired(df, ["cos"], n_boot=2000)))
+    | metric | ROME | KNE − ROME (n=3) |
+    |---|---|---|
+    | cos | 0.200 | +0.133 [+0.100, +0.200] |
+    """
+    from .style import label
+
+    if t.empty:
+        raise ValueError("no paired rows to tabulate")
+    cols = [c for c in POINT_COLUMNS if c in t.columns]
+    base = label(t.attrs.get("baseline", "rome"))
+    points, heads = [], []
+    key = t[cols].map(str).agg("|".join, axis=1)  # (astype(str) keeps NaN in pandas 3)
+    for k in dict.fromkeys(key):  # grid points in their order of appearance
+        g = t[key == k]
+        p = g.iloc[0]
+        name = label(p["method"], p.get("lam"), p.get("centered"))
+        points.append(g.set_index("metric"))
+        heads.append(f"{name} − {base} (n={int(g.n.max())})")
+    metrics = list(dict.fromkeys(t.metric))
+    f = f"{{:+.{digits}f}}"
+    lines = ["| metric | " + base + " | " + " | ".join(heads) + " |",
+             "|---" * (len(heads) + 2) + "|"]
+    for m in metrics:
+        first = next(g.loc[m] for g in points if m in g.index)
+        cells = [f"{first.baseline_mean:.{digits}f}"]
+        for g in points:
+            if m not in g.index:
+                cells.append("")
+                continue
+            r = g.loc[m]
+            cell = f"{f.format(r['diff'])} [{f.format(r.low)}, {f.format(r.high)}]"
+            if (r.low > 0 or r.high < 0) and r.p < alpha:
+                cell = f"**{f.format(r['diff'])}** [{f.format(r.low)}, {f.format(r.high)}], p={r.p:.2g}"
+            cells.append(cell.replace("-", "−"))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 >>> e = edit(lm, request, "rome")                       # doctest: +SKIP
 >>> e = edit(lm, request, "steam-rome", lam=20.0)       # doctest: +SKIP
->>> e.restore()
+>>> e.restore()                                         # doctest: +SKIP
 
 Each method takes the request plus keyword parameters and returns an undoable
 :class:`~steamviz.edits.Edit`. ``register`` adds a method. Batch editors (MEMIT) also take

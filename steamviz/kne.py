@@ -4,7 +4,7 @@
 >>> edit = kne.apply(lm, request)                      # one undoable KNEEdit  # doctest: +SKIP
 >>> edit.info["ensemble_size"], edit.info["ensemble_fraction"]               # doctest: +SKIP
 >>> edit = editors.edit(lm, request, "kne", fraction=0.005, layer_span=1.0)   # doctest: +SKIP
->>> edit.restore()                                    # bitwise the original weights again
+>>> edit.restore()                      # bitwise the original weights   # doctest: +SKIP
 
 How it works (the feed-forward weight matrices ``W`` of the attributed layers):
 

@@ -5,7 +5,7 @@ The contract of the ROME repo, kept: a request in, the edited model plus what un
 >>> from steamviz import rome
 >>> edit = rome.apply(lm, request)            # doctest: +SKIP
 >>> edit.info["efficacy_after_opt"]            # doctest: +SKIP
->>> edit.restore()                            # bitwise the original weights again
+>>> edit.restore()                # bitwise the original weights again  # doctest: +SKIP
 
 How it works (``layer`` = the edited block, its MLP output projection ``W``):
 

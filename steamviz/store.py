@@ -40,7 +40,7 @@ class Store:
         self._ok: set[str] = set()
         if writer:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._lock = _lock(self.run / ".lock")
+            self._lock = _flock(self.run / ".lock")
             for stale in self.dir.glob(".*"):  # temp files of a write killed mid-way
                 stale.unlink(missing_ok=True)
 
@@ -101,7 +101,7 @@ class Store:
         return pd.DataFrame(self.rows())
 
 
-def _lock(path: Path):
+def _flock(path: Path):
     """An exclusive, non-blocking flock on ``path`` (held while the file stays open)."""
     import fcntl
 
@@ -121,7 +121,7 @@ def _lock(path: Path):
     return f
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import platform
 
     import torch

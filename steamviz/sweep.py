@@ -35,7 +35,7 @@ from .plan import (  # noqa: F401 (re-exported: steamviz.sweep is the public fac
     units,
 )
 from .runner import Runner  # noqa: F401
-from .store import Store, StoreBusy, _lock, _versions, jsonable  # noqa: F401
+from .store import Store, StoreBusy, jsonable, versions  # noqa: F401
 
 
 def _config_change(run_dir: Path, cfg: SweepConfig) -> list[str]:
@@ -96,7 +96,7 @@ def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
         digest = hashlib.sha256(text.encode()).hexdigest()[:12]
         if not (hist / f"{digest}.yaml").exists():
             write_text(hist / f"{digest}.yaml", text)
-        write_json(run_dir / "versions.json", _versions())
+        write_json(run_dir / "versions.json", versions())
         moved = store.quarantine()
         if moved:
             log(f"[steamviz] {len(moved)} point file(s) could not be read; moved to "

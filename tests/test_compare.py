@@ -94,3 +94,22 @@ def test_sentences_state_the_measured_difference_and_what_its_interval_says():
     assert "p = 0.50" in s2 and s2.endswith(
         "the interval excludes 0, but 2 edits are too few for the sign-flip test "
         "(p < 0.05 needs 6 or more): no verdict.")
+
+
+def test_table_puts_a_column_per_method_and_bolds_only_clear_differences():
+    from steamviz.compare import table
+
+    rng = np.random.default_rng(0)
+    n = 20
+    base = rng.normal(0.5, 0.1, n)
+    df = pd.DataFrame(dict(
+        case_id=list(range(n)) * 3, method=["rome"] * n + ["steam-rome"] * n + ["kne"] * n,
+        lam=[None] * n + [20.0] * n + [None] * n,
+        cos=np.concatenate([base, base + 0.05 + rng.normal(0, 0.01, n),
+                            base + rng.normal(0, 0.05, n)])))
+    out = table(paired(df, ["cos"], n_boot=2000)).splitlines()
+    assert out[0] == "| metric | ROME | STEAM λ=20 − ROME (n=20) | KNE − ROME (n=20) |"
+    steam, kne = out[2].split(" | ")[2:4]
+    assert steam.startswith("**+0.05") and "p=" in steam  # a clear, consistent shift
+    assert not kne.startswith("**")
+    assert out[2].split(" | ")[1] == f"{base.mean():.3f}"

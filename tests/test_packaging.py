@@ -163,3 +163,23 @@ def test_the_package_has_no_import_cycle():
         if m not in state:
             visit(m, [m])
     assert graph["executors"] <= {"plan", "runner"}, "executors drives the runner, never sweep"
+
+
+def test_no_private_name_crosses_a_module():
+    """A name with a leading underscore is its module's business: no other module imports it."""
+    import ast
+
+    crossing = []
+    for p in sorted((ROOT / "steamviz").glob("*.py")):
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.ImportFrom) and n.level == 1:
+                crossing += [f"{p.name}: from .{n.module} import {a.name}" for a in n.names
+                             if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not crossing, "\n".join(crossing)
+
+
+def test_docstring_examples_run():
+    """Every docstring example that does not need the model runs as written (doctest)."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "--doctest-modules", "steamviz",
+                          "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:]

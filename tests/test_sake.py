@@ -84,18 +84,18 @@ def test_fit_map_with_few_samples_needs_the_ridge():
     Hs = torch.randn(n, d, generator=g) * 3 + 1
     Ht = Hs @ (torch.eye(d) + 0.2 * torch.randn(d, d, generator=g)) + 2.0
     for ridge in (1e-3, 0.1, 10.0):
-        A, b, diag = sake.fit_map(Hs, Ht, ridge)
+        A, b, diag = sake.fit_transport(Hs, Ht, ridge)
         assert torch.isfinite(A).all() and torch.allclose(A, A.T)
         assert diag["rank_source"] == n - 1 and diag["covariance_residual"] < 1e-8
         assert diag["A_eig_min"] > 0
         # the source mean goes to the target mean whatever the ridge
         assert torch.allclose(Hs.double().mean(0) @ A.T + b, Ht.double().mean(0), atol=1e-6)
-    A0, _, d0 = sake.fit_map(Hs, Ht, 1e-3)
-    A_big, b_big, d_big = sake.fit_map(Hs, Ht, 1e6)
+    A0, _, d0 = sake.fit_transport(Hs, Ht, 1e-3)
+    A_big, b_big, d_big = sake.fit_transport(Hs, Ht, 1e6)
     assert torch.allclose(A_big, torch.eye(d, dtype=torch.float64), atol=1e-4)
     assert torch.allclose(b_big, (Ht - Hs).double().mean(0), atol=1e-3)
     assert d0["transport_error"] < d_big["transport_error"]  # covariances fitted, not just means
-    assert sake.fit_map(Hs, Ht, 0.0)[2]["ridge_abs"] > 0  # a jitter keeps ridge=0 invertible
+    assert sake.fit_transport(Hs, Ht, 0.0)[2]["ridge_abs"] > 0  # a jitter keeps ridge=0 invertible
 
 
 def test_hparams():
@@ -115,11 +115,11 @@ def _toronto():
 
 
 def test_target_states_reach_the_goal(tiny):
-    h = torch.stack([f[-1] for f in sake._states(tiny, ["The city of Toronto is", "Hello"],
+    h = torch.stack([f[-1] for f in sake.hidden_states(tiny, ["The city of Toronto is", "Hello"],
                                                    [1])[1]])
     tok = token_ids(tiny, space("Japan"))[0]
     x = sake.target_states(tiny, h, tok, target_prob=0.9)
-    head, soft = sake._head_parts(tiny)
+    head, soft = sake.head_parts(tiny)
     p = soft(head(x)).softmax(-1)[:, tok]
     assert bool((p > 0.89).all()), p
 
@@ -392,13 +392,16 @@ def test_apply_reads_exactly_the_fit_prompts(tokenizer, monkeypatch):
         ["The currency used in Toronto is the"], ["Japanese yen"])
     hp = sake.SAKEHparams(**TINY)
     seen = []
-    states = sake._states
+    states = sake.hidden_states
 
     def spy(lm_, prompts, *a, **kw):
         seen.extend(prompts)
         return states(lm_, prompts, *a, **kw)
 
-    monkeypatch.setattr(sake, "_states", spy)
+    from steamviz import sake_fit
+
+    for where in (sake, sake_fit):  # the edit and the scope calibration read states
+        monkeypatch.setattr(where, "hidden_states", spy)
     with sake.apply(lm, req, hp) as e:
         fit = sake.fit_prompts(lm, req, hp.resolved(lm))
         assert sorted(set(seen)) == sorted(set(fit.texts()))
