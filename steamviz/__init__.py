@@ -34,7 +34,7 @@ _SUBMODULES = {
     "paths", "requests", "rome", "stats", "tokens", "steam", "anchors", "integration",
     "geometry", "figures", "sweep", "widgets", "editors", "evaluation", "io", "memit", "cli",
     "executors", "sake", "baft", "kne", "hooks", "memo", "hparams", "plan", "store", "runner",
-    "style", "maps", "records", "facts",
+    "style", "maps", "records", "facts", "vstar",
 }
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)

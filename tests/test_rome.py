@@ -9,6 +9,7 @@ from steamviz.edits import load_edit
 from steamviz.forward import greedy, target_logprobs
 from steamviz.requests import EditRequest
 from steamviz.rome import ROMEHparams
+from steamviz.tokens import token_ids
 
 REQ = EditRequest(prompt="{} is located in the country of", subject="Toronto",
                   target_new="Japan", target_true="Canada",
@@ -200,8 +201,8 @@ def test_kl_term_is_romes_direction(tokenizer):
     prep = rome.prepare(lm, REQ, hp, use_cache=False)
     v = rome.compute_v(lm, prep, hp)
     text = "Toronto is a"
-    ids = torch.tensor([list(lm.prefix_ids) + rome.token_ids(lm, text)])
-    sp = len(lm.prefix_ids) + len(rome.token_ids(lm, "Toronto")) - 1  # as ROME finds it
+    ids = torch.tensor([list(lm.prefix_ids) + token_ids(lm, text)])
+    sp = len(lm.prefix_ids) + len(token_ids(lm, "Toronto")) - 1  # as ROME finds it
     h = mlp_out_module(lm.model, 1).register_forward_hook(
         lambda m, a, o: o + torch.nn.functional.one_hot(torch.tensor(sp), ids.shape[1])[None, :, None]
         * v.delta)
@@ -240,11 +241,13 @@ def test_subject_is_located_from_the_template_not_by_search(tokenizer, monkeypat
 
     lm = build_tiny("llama", tokenizer)
     ctx = ["{}", "Toronto is big. {}"]
-    monkeypatch.setattr(rome, "context_templates", lambda *a, **k: list(ctx))
+    from steamviz import rome_prepare
+
+    monkeypatch.setattr(rome_prepare, "context_templates", lambda *a, **k: list(ctx))
     hp = ROMEHparams(layer=1, v_num_grad_steps=2)
     prep = rome.prepare(lm, REQ, hp, use_cache=False)
     n0 = len(lm.prefix_ids)
-    want = [n0 + len(rome.token_ids(lm, c.replace("{}", "Toronto"))) - 1 for c in ctx]
+    want = [n0 + len(token_ids(lm, c.replace("{}", "Toronto"))) - 1 for c in ctx]
     assert prep.subj_pos[:2] == want  # the old code took the context's "Toronto"
     k, k_all = memit._keys(lm, 1, [REQ], ctx)
     k_ref, _ = rome.keys_and_outputs(

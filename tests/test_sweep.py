@@ -251,7 +251,10 @@ def test_sweep_optimises_a_requests_objectives_together(tmp_path, lm, monkeypatc
         calls.append(len(list(aligns)))
         return real(lm_, prep, hp, aligns, *a, **k)
 
-    monkeypatch.setattr(rome, "compute_vs", spy)
+    from steamviz import vstar
+
+    for where in (rome, vstar):  # the sweep's batched call, and compute_v's
+        monkeypatch.setattr(where, "compute_vs", spy)
     clear_caches("rome")
     cfg = SweepConfig.from_dict(dict(SMALL, n_edits=1, lams=[5.0, 50.0], include_unedited=False))
     df = run_sweep(cfg, tmp_path / "run", lm=lm, progress=False, log=lambda s: None)
