@@ -1,4 +1,5 @@
-"""Command line: ``steamviz demo``, ``steamviz edit`` (and more as they land).
+"""Command line: ``steamviz demo``, ``edit``, ``sweep``, ``compare``, ``figures``, ``claims``,
+``pool``, ``data``, ``doctor`` (each is a thin layer over the library).
 
 Run ``steamviz --help`` or ``python -m steamviz --help``.
 """
@@ -473,7 +474,7 @@ def main(argv=None) -> int:
     q.set_defaults(fn=_claims)
     k = sub.add_parser("doctor", help="check the model, data, export browser, torch, versions")
     k.set_defaults(fn=_doctor)
-    c = sub.add_parser("compare", help="paired differences vs a baseline method, with 95% CIs")
+    c = sub.add_parser("compare", help="paired differences vs a baseline method, with 95%% CIs")
     c.add_argument("run")
     c.add_argument("--baseline", default="rome")
     c.add_argument("--metrics", default="efficacy,paraphrase,neighborhood,portability,"

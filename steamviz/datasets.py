@@ -1,11 +1,13 @@
 """Loaders for edit requests and reference facts: the project's own files and public data sets.
+The reference-fact loaders live in :mod:`steamviz.facts` and the record readers they share in
+:mod:`steamviz.records`; this module re-exports the former.
 
 Edit requests (:class:`~steamviz.requests.EditRequest`)::
 
+    from steamviz import fetch
     from steamviz.datasets import load_counterfact, load_edits, load_mquake, load_requests, load_zsre
-    from steamviz.paths import shared_data_dir
 
-    shared = shared_data_dir()
+    shared = fetch.path("counterfact").parent   # the data root: fetched, or the mirror's copy
     cf = load_counterfact(shared / "counterfact_easyedit/counterfact-val.json", limit=100)
     cf[0].rewrite_prompt, cf[0].target_new          # ('BBC One, by', 'Sega')
     zs = load_zsre(shared / "zsre_portability/zsre_portability.json")

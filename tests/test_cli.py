@@ -97,3 +97,14 @@ def test_eval_refuses_a_block_outside_the_model_before_loading_it(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "layer=30: block indices must lie in 0..29" in lines[0], lines
     assert not (tmp_path / "models").exists()
+
+
+def test_every_help_page_prints():
+    """argparse %-formats help strings: a bare '%' in one made `steamviz --help` crash."""
+    from steamviz.cli import main
+
+    for argv in ([], ["data"], ["pool"], ["demo"], ["edit"], ["eval"], ["sweep"], ["figures"],
+                 ["claims"], ["doctor"], ["compare"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--help"])
+        assert e.value.code == 0, argv
