@@ -238,9 +238,11 @@ def sentences(df: pd.DataFrame, metrics: Sequence[str], baseline: str = "rome",
 
 def table(t: pd.DataFrame, alpha: float = 0.05, digits: int = 3) -> str:
     """A markdown table of :func:`paired`'s rows: one row per metric, the baseline's mean, then
-    one column per grid point with ``diff [low, high]``; bold (with ``p``) where the CI
-    excludes 0 and the sign-flip p < ``alpha``. Column heads say the method, its lambda and
-    the number of paired edits.
+    one column per grid point (methods in registry order) with ``diff [low, high]``; bold
+    (with ``p``) where the CI excludes 0 and the sign-flip p < ``alpha``. Column heads give
+    the number of paired edits; a cell resting on fewer pairs (e.g. the integration metrics of
+    edits whose new object has no anchor) says its own ``n``. A metric no pair has (e.g.
+    portability on a data set without portability prompts) is left out.
 
     >>> df = pd.DataFrame(dict(case_id=[1, 2, 3, 1, 2, 3], method=["rome"] * 3 + ["kne"] * 3,
     ...                        cos=[0.1, 0.2, 0.3, 0.2, 0.3, 0.5]))
@@ -249,35 +251,40 @@ def table(t: pd.DataFrame, alpha: float = 0.05, digits: int = 3) -> str:
     |---|---|---|
     | cos | 0.200 | +0.133 [+0.100, +0.200] |
     """
-    from .style import label
+    from .style import label, ordered_points
 
     if t.empty:
         raise ValueError("no paired rows to tabulate")
     cols = [c for c in POINT_COLUMNS if c in t.columns]
     base = label(t.attrs.get("baseline", "rome"))
-    points, heads = [], []
     key = t[cols].map(str).agg("|".join, axis=1)  # (astype(str) keeps NaN in pandas 3)
-    for k in dict.fromkeys(key):  # grid points in their order of appearance
-        g = t[key == k]
-        p = g.iloc[0]
-        name = label(p["method"], p.get("lam"), p.get("centered"))
+    firsts = {k: t[key == k].iloc[0] for k in dict.fromkeys(key)}
+    order = ordered_points([(p["method"], p.get("lam"), p.get("centered"), k)
+                            for k, p in firsts.items()])
+    points, heads, sizes = [], [], []
+    for *_, k in order:
+        g, p = t[key == k], firsts[k]
         points.append(g.set_index("metric"))
-        heads.append(f"{name} − {base} (n={int(g.n.max())})")
-    metrics = list(dict.fromkeys(t.metric))
+        sizes.append(int(g.n.max()))
+        heads.append(f"{label(p['method'], p.get('lam'), p.get('centered'))} − {base} "
+                     f"(n={sizes[-1]})")
+    metrics = [m for m in dict.fromkeys(t.metric) if (t[t.metric == m].n > 0).any()]
     f = f"{{:+.{digits}f}}"
     lines = ["| metric | " + base + " | " + " | ".join(heads) + " |",
              "|---" * (len(heads) + 2) + "|"]
     for m in metrics:
-        first = next(g.loc[m] for g in points if m in g.index)
+        first = next(g.loc[m] for g in points if m in g.index and g.loc[m].n > 0)
         cells = [f"{first.baseline_mean:.{digits}f}"]
-        for g in points:
-            if m not in g.index:
+        for g, size in zip(points, sizes):
+            if m not in g.index or g.loc[m].n == 0:
                 cells.append("")
                 continue
             r = g.loc[m]
             cell = f"{f.format(r['diff'])} [{f.format(r.low)}, {f.format(r.high)}]"
             if (r.low > 0 or r.high < 0) and r.p < alpha:
                 cell = f"**{f.format(r['diff'])}** [{f.format(r.low)}, {f.format(r.high)}], p={r.p:.2g}"
+            if r.n < size:
+                cell += f" (n={int(r.n)})"
             cells.append(cell.replace("-", "−"))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

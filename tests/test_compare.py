@@ -107,8 +107,13 @@ def test_table_puts_a_column_per_method_and_bolds_only_clear_differences():
         lam=[None] * n + [20.0] * n + [None] * n,
         cos=np.concatenate([base, base + 0.05 + rng.normal(0, 0.01, n),
                             base + rng.normal(0, 0.05, n)])))
-    out = table(paired(df, ["cos"], n_boot=2000)).splitlines()
+    df["portability"] = np.nan  # a data set without portability prompts: no row for it
+    df["knn"] = df.cos.where(df.case_id >= 5)  # measured on 15 of the 20 edits only
+    df = df.iloc[::-1]  # the columns follow the registry, not the rows' order
+    out = table(paired(df, ["cos", "portability", "knn"], n_boot=2000)).splitlines()
     assert out[0] == "| metric | ROME | STEAM λ=20 − ROME (n=20) | KNE − ROME (n=20) |"
+    assert [r.split(" | ")[0] for r in out[2:]] == ["| cos", "| knn"]
+    assert out[3].endswith("(n=15) |")
     steam, kne = out[2].split(" | ")[2:4]
     assert steam.startswith("**+0.05") and "p=" in steam  # a clear, consistent shift
     assert not kne.startswith("**")
