@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tomllib
 from pathlib import Path
@@ -216,8 +215,12 @@ def test_worker_killed_mid_sweep_loses_nothing(tmp_path, ray_head, reference):
         if m:
             pid0.append(int(m.group(1)))
         elif "[point]" in line and sum("[point]" in s for s in log) == 1:
-            # both workers are inside ROME units (seconds each): kill worker 0 mid-unit
-            threading.Timer(1.0, os.kill, (pid0[0], signal.SIGKILL)).start()
+            # Kill worker 0 now, not after a delay: the driver logs a point before it hands
+            # the freed worker its next unit, and three units are left, so worker 0 is either
+            # mid-unit or about to be given one -- either way a unit is lost and must come back.
+            # (A 1 s timer here was flaky: on an idle machine worker 0 could finish its last
+            # unit first and die idle, losing nothing.)
+            os.kill(pid0[0], signal.SIGKILL)
 
     df = run_sweep(cfg, run, executor="ray", address=ray_head, workers=2, progress=False,
                    log=watch)
