@@ -160,7 +160,8 @@ def register(name: str, batch: bool = False, params: type | None = None, extra: 
             raise ValueError(f"{name}: only a batch editor (batch=True) has a 'batch' axis")
 
     def deco(fn):
-        new = dataclasses.replace(row, **({"batch_fn": fn} if batch else {"fn": fn}))
+        now = REGISTRY.get(key, Editor(key))  # as it is when fn is registered, not before
+        new = dataclasses.replace(now, **({"batch_fn": fn} if batch else {"fn": fn}))
         if params is not None:
             new = dataclasses.replace(new, params=params, extra=tuple(extra))
         if axes is not None:
