@@ -142,18 +142,23 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print) -> pd.DataFrame:
     t0 = time.perf_counter()
     run = Path(out)
     lm = lm or load_model()
-    cf = load_counterfact(fetch.path("counterfact", "counterfact_easyedit/counterfact-val.json"),
-                          limit=cfg.candidates)
-    port = [r for r in load_mquake(fetch.path("mquake", "mquake/MQuAKE-CF-subset.json"),
-                                   single_edit_only=True)]
-    port += load_zsre(fetch.path("zsre", "zsre_portability/zsre_portability.json"))
-    port = [r for r in port if r.portability_prompts][: 3 * cfg.n_port]
+    cf_all = load_counterfact(fetch.path("counterfact",
+                                         "counterfact_easyedit/counterfact-val.json"))
+    cf = cf_all[: cfg.candidates]
+    port_all = [r for r in load_mquake(fetch.path("mquake", "mquake/MQuAKE-CF-subset.json"),
+                                       single_edit_only=True)]
+    port_all += load_zsre(fetch.path("zsre", "zsre_portability/zsre_portability.json"))
+    port = [r for r in port_all if r.portability_prompts][: 3 * cfg.n_port]
     patterns = "first"
     templates = None
-    if cfg.pararel_patterns == "best":  # chosen on subjects that are never evaluated here
+    if cfg.pararel_patterns == "best":
         from .pool import best_templates
 
-        templates = best_templates(lm, {r.subject for r in cf + port}, cfg.recall_rule, log)
+        # chosen on subjects that are never evaluated here: every subject of the data sets
+        # the requests come from, however many are screened, so the choice (and its cached
+        # recall checks) does not depend on --candidates / --n-port
+        templates = best_templates(lm, {r.subject for r in cf_all + port_all},
+                                   cfg.recall_rule, log)
         patterns = str(run / "pararel_patterns.json")
         write_json(Path(patterns), templates)
     facts = load_pool(pararel_templates=templates)

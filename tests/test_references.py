@@ -260,3 +260,13 @@ def test_a_sweep_over_anchor_seeds_pairs_within_seeds(tmp_path, lm):
     assert rome_rows.p_new.nunique() == 1  # one ROME edit, measured against two anchors
     t = paired(df, ["cos_centered", "efficacy"])
     assert set(t.method) == {"unedited", "steam-rome"} and set(t.n) == {1}
+    # seed 1's unedited and ROME points reuse seed 0's anchor-free metrics (one edit, measured
+    # once): the rows equal those of a run of seed 1 alone, column for column
+    alone = run_sweep(SweepConfig.from_dict(dict(SMALL, n_edits=1, anchor_seeds=[1])),
+                      tmp_path / "alone", lm=lm, progress=False, log=lambda s: None)
+    timing = {"seconds", "edit_seconds", "key"}  # key: the references digest holds the seeds
+    for m in ("unedited", "rome", "steam-rome"):
+        a = df[(df.method == m) & (df.anchor_seed == 1)].iloc[0].drop(timing, errors="ignore")
+        b = alone[alone.method == m].iloc[0].drop(timing, errors="ignore")
+        assert a.index.equals(b.index)
+        assert all(x == y or (x != x and y != y) for x, y in zip(a, b)), m
