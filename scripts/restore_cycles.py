@@ -20,7 +20,7 @@ import torch
 
 from steamviz import memit, rome
 from steamviz.datasets import load_edits
-from steamviz.edits import active_edits
+from steamviz.guard import active_edits
 from steamviz.models import load_model
 
 

@@ -28,7 +28,7 @@ import torch
 from .memo import memo
 from .capture import capture
 from .datasets import Fact
-from .edits import require_unedited
+from .guard import require_unedited
 from .forward import target_logprobs
 from .io import load_tensors, save_tensors
 from .paths import cache_dir
@@ -103,7 +103,7 @@ def recalled(lm, facts, batch_size: int = 64, rule: str = "greedy") -> list[bool
     """Whether the unedited model recalls each fact's object after its prompt, under
     ``rule`` (:func:`recall_rule_ok`; default ``"greedy"``). One teacher-forced pass per new
     fact; results are kept per model fingerprint, in memory and in the cache dir.
-    Raises :class:`~steamviz.edits.EditedModelError` while an edit is in place."""
+    Raises :class:`~steamviz.guard.EditedModelError` while an edit is in place."""
     why = recall_rule_ok(rule)
     if why:
         raise ValueError(why)
@@ -156,7 +156,7 @@ def build_anchor(
 
     ``exclude_subjects``: leave these subjects out (e.g. the edited subject itself).
     Raises :class:`AnchorError` with fewer than ``min_facts`` usable facts; warns below
-    ``warn_below``. Raises :class:`~steamviz.edits.EditedModelError` while an edit is in
+    ``warn_below``. Raises :class:`~steamviz.guard.EditedModelError` while an edit is in
     place (also for a cached anchor: build references before the first edit).
     """
     from .datasets import load_reference_facts

@@ -251,7 +251,7 @@ def table(t: pd.DataFrame, alpha: float = 0.05, digits: int = 3) -> str:
     |---|---|---|
     | cos | 0.200 | +0.133 [+0.100, +0.200] |
     """
-    from .style import label, ordered_points
+    from .editors import label, ordered_points
 
     if t.empty:
         raise ValueError("no paired rows to tabulate")

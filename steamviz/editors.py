@@ -29,6 +29,7 @@ its :func:`spec`:
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from typing import Callable
 
@@ -80,6 +81,36 @@ def display(method: str) -> Display:
     used = {d.color.lower() for d in DISPLAY.values()}
     free = [c for c in _SPARE_COLORS if c.lower() not in used] or list(_SPARE_COLORS)
     return Display(str(method), free[sum(map(ord, key)) % len(free)])
+
+
+def is_nan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or str(v) in ("nan", "None")
+
+
+def label(method: str, lam=None, centered=None) -> str:
+    """A method's legend label: its registry label, or for a lambda of a STEAM method its
+    short label and the value ("STEAM λ=50", "STEAM λ=50 centred")."""
+    d = display(method)
+    if is_nan(lam) or str(method).lower() not in methods() or "lam" not in spec(method).axes:
+        return d.label
+    c = " centred" if centered in (True, "True") else ""
+    return f"{d.short} λ={float(lam):g}{c}"
+
+
+def method_key(method, lam, centered) -> tuple:
+    return (str(method), None if is_nan(lam) else float(lam), str(centered in (True, "True")))
+
+
+def ordered_points(points) -> list:
+    """Grid points in reading order: methods in registry order (the unedited model first),
+    then lambda ascending."""
+    rank = {m: i for i, m in enumerate(DISPLAY)}
+
+    def key(p):
+        m, lam, cen = method_key(*p[:3])
+        return (rank.get(m, len(rank)), m, lam if lam is not None else -1.0, cen)
+
+    return sorted(points, key=key)
 
 
 #: the grid axes a sweep can give a method: the edited block (``layer``), the alignment

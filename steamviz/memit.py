@@ -42,7 +42,8 @@ from .memo import memo
 from . import rome
 from .capture import capture
 from .context import context_templates
-from .edits import WeightEdit, active_edits
+from .edits import WeightEdit
+from .guard import active_edits
 from .hparams import Hparams
 from .requests import EditRequest
 from .tokens import fill

@@ -42,7 +42,7 @@ import torch
 from .memo import memo
 from .arch import cache_kwargs, output_cache
 from .forward import greedy, left_pad, target_logprobs
-from .requests import EditRequest
+from .requests import EditRequest, generation_prompts
 from .tokens import token_ids
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -108,11 +108,6 @@ def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
         f = np.array(list(grams.values()), dtype=float) / total
         ents.append(float(-(f * np.log2(f)).sum()))
     return float(np.mean(np.array(ents) * np.array(weights)))
-
-
-def generation_prompts(req: EditRequest) -> list[str]:
-    """The prompts steamviz generates from by default: the rewrite and paraphrase prompts."""
-    return [req.rewrite_prompt] + list(req.paraphrase_prompts)
 
 
 def rome_generation_prompts(req: EditRequest) -> tuple[list[str], str]:
@@ -381,9 +376,9 @@ def reference_text(lm, obj: str, facts=None, relations=None, limit: int = 8,
                    max_new_tokens: int = 20) -> str:
     """Text about ``obj``: the (unedited) model's completions of reference facts whose
     object is ``obj``, each prompt followed by the object. Compute it before editing: raises
-    :class:`~steamviz.edits.EditedModelError` while an edit is in place."""
+    :class:`~steamviz.guard.EditedModelError` while an edit is in place."""
     from .datasets import load_reference_facts
-    from .edits import require_unedited
+    from .guard import require_unedited
 
     require_unedited(lm.model, f"the reference text of {obj!r}")
     facts = facts if facts is not None else load_reference_facts()

@@ -5,7 +5,7 @@ new object's anchor, the reference bank (kNN share, centring), and reference tex
 (consistency). Read from an edited model, each would measure the edit against itself. So a
 run builds them all up front, from the requests it will evaluate, and hands the object to
 measurement; the builders themselves refuse an edited model
-(:class:`~steamviz.edits.EditedModelError`).
+(:class:`~steamviz.guard.EditedModelError`).
 
 >>> refs = build_references(lm, requests)         # before the first edit   # doctest: +SKIP
 >>> refs.anchor("Japan")                          # an Anchor, or None       # doctest: +SKIP
@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from .anchors import Anchor, AnchorError, Bank, build_anchor, reference_bank
-from .edits import require_unedited
+from .guard import require_unedited
 
 
 @dataclass

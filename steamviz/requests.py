@@ -161,3 +161,8 @@ class EditRequest:
                     f"context and answer) does not fit the model's window of {window:,} "
                     f"tokens: {p[:60]!r}...; shorten it")
         return self
+
+
+def generation_prompts(req: EditRequest) -> list[str]:
+    """The prompts steamviz generates from by default: the rewrite and paraphrase prompts."""
+    return [req.rewrite_prompt] + list(req.paraphrase_prompts)

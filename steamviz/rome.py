@@ -35,7 +35,8 @@ import contextlib
 import torch
 
 from .arch import as_out_in, mlp_out_module
-from .edits import WeightEdit, active_edits
+from .edits import WeightEdit
+from .guard import active_edits
 from .memo import memo
 from .requests import EditRequest
 from .rome_hparams import (  # noqa: F401 (re-exported)

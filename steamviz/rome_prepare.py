@@ -17,7 +17,7 @@ from .memo import memo
 from .arch import cache_kwargs, get_module, lm_head_logits, mlp_out_module
 from .hooks import Tap, read, stream
 from .context import context_templates
-from .edits import active_edits
+from .guard import active_edits
 from .forward import space
 from .requests import EditRequest
 from .tokens import fill, pad, subject_last, token_ids

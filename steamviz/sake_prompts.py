@@ -46,7 +46,7 @@ def evaluation_prompts(request: EditRequest, exclude: Sequence[str] = ()) -> lis
 
     The rewrite prompt is the edit itself (efficacy reads it, SAKE fits on it); an evaluation
     prompt with the rewrite prompt's text is left out for the same reason."""
-    from .metrics import generation_prompts
+    from .requests import generation_prompts
 
     out = (list(request.paraphrase_prompts) + list(request.neighborhood_prompts)
            + list(request.portability_prompts) + list(generation_prompts(request))

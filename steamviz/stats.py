@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .arch import mlp_out_module
 from .hooks import Tap, read
-from .edits import require_unedited
+from .guard import require_unedited
 from .io import load_tensors, save_tensors
 from .paths import cache_dir
 from .tokens import pad

@@ -10,10 +10,11 @@ colour.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import plotly.graph_objects as go
+
+from .editors import is_nan, label, method_key, ordered_points  # noqa: F401 (re-exported)
 
 STYLE = dict(
     font="Arial, Helvetica, sans-serif",
@@ -109,22 +110,6 @@ def style(fig: go.Figure, width: str | None = None, title: str | None = None,
 
 # --- methods: label and colour from the editor registry -----------------------------------
 
-def is_nan(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v)) or str(v) in ("nan", "None")
-
-
-def label(method: str, lam=None, centered=None) -> str:
-    """A method's legend label: its registry label, or for a lambda of a STEAM method its
-    short label and the value ("STEAM λ=50", "STEAM λ=50 centred")."""
-    from .editors import display
-
-    d = display(method)
-    if is_nan(lam) or not str(method).lower().startswith("steam"):
-        return d.label
-    c = " centred" if centered in (True, "True") else ""
-    return f"{d.short} λ={float(lam):g}{c}"
-
-
 def _mix(hex_color: str, t: float) -> str:
     """``hex_color`` mixed toward white (t < 0) or black (t > 0) by |t|."""
     rgb = np.array([int(hex_color.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4)], dtype=float)
@@ -147,24 +132,6 @@ def color(method: str, shade: int = 0, of: int = 1) -> str:
 def rgba(hex_color: str, alpha: float) -> str:
     r, g, b = (int(hex_color.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4))
     return f"rgba({r},{g},{b},{alpha:g})"
-
-
-def method_key(method, lam, centered) -> tuple:
-    return (str(method), None if is_nan(lam) else float(lam), str(centered in (True, "True")))
-
-
-def ordered_points(points) -> list:
-    """Grid points in reading order: methods in registry order (the unedited model first),
-    then lambda ascending."""
-    from .editors import DISPLAY
-
-    rank = {m: i for i, m in enumerate(DISPLAY)}
-
-    def key(p):
-        m, lam, cen = method_key(*p[:3])
-        return (rank.get(m, len(rank)), m, lam if lam is not None else -1.0, cen)
-
-    return sorted(points, key=key)
 
 
 def group_colors(points) -> dict:

@@ -6,7 +6,8 @@ import math
 import pytest
 
 from steamviz import fetch, metrics
-from steamviz.edits import Edit, EditedModelError
+from steamviz.edits import Edit
+from steamviz.guard import EditedModelError
 from steamviz.requests import EditRequest
 from steamviz.memo import clear_caches
 

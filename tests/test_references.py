@@ -11,7 +11,8 @@ import torch
 from steamviz import rome
 from steamviz.anchors import Anchor, build_anchor, recalled, reference_bank
 from steamviz.datasets import Fact
-from steamviz.edits import Edit, EditedModelError
+from steamviz.edits import Edit
+from steamviz.guard import EditedModelError
 from steamviz.metrics import reference_text
 from steamviz.references import build_references
 from steamviz.requests import EditRequest

@@ -171,7 +171,8 @@ def test_second_moment_statistics_cached_and_used(lm, tmp_path, monkeypatch):
 
 
 def test_every_edit_counts_as_active_until_restored():
-    from steamviz.edits import Edit, WeightEdit, active_edits
+    from steamviz.edits import Edit, WeightEdit
+    from steamviz.guard import active_edits
 
     model = torch.nn.Linear(3, 2)
     w0 = model.weight.detach().clone()

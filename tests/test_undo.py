@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from steamviz import memit, rome
-from steamviz.edits import WeightEdit, active_edits
+from steamviz.edits import WeightEdit
+from steamviz.guard import active_edits
 from steamviz.requests import EditRequest
 from steamviz.rome import ROMEHparams
 
