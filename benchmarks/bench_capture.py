@@ -9,9 +9,9 @@ import time
 
 import torch
 
-from steamviz.capture import capture
-from steamviz.models import load_model
-from steamviz.tokens import encode
+from steamviz.look.capture import capture
+from steamviz.core.models import load_model
+from steamviz.core.tokens import encode
 
 CITIES = ["Paris", "Tokyo", "Rome", "Berlin", "Madrid", "Cairo", "Toronto", "Sydney"]
 TEMPLATES = ["{} is located in the country of", "The most famous landmark in {} is the",

@@ -20,10 +20,10 @@ import time
 import torch
 
 from steamviz import memit, rome
-from steamviz.datasets import load_edits
-from steamviz.metrics import efficacy_records
-from steamviz.models import load_model
-from steamviz.memo import clear_caches
+from steamviz.data.datasets import load_edits
+from steamviz.measure.metrics import efficacy_records
+from steamviz.core.models import load_model
+from steamviz.core.memo import clear_caches
 
 
 def eff(lm, reqs) -> float:

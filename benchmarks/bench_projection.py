@@ -21,7 +21,7 @@ import time
 CHILD = r"""
 import time, numpy as np
 t0 = time.perf_counter()
-from steamviz.geometry import fit_map
+from steamviz.measure.geometry import fit_map
 rng = np.random.default_rng(0)
 centers = rng.normal(size=(25, 576)) * 3
 def data(seed):

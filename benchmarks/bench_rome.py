@@ -4,7 +4,7 @@
 context prompts). Early stopping is off so both run exactly ``v_num_grad_steps`` steps.
 - fast: steamviz's ROME as shipped (blocks below the edited layer run once, the tokens
   before the subject come from a key/value cache, the edited block's output is computed
-  once, the blocks above run through steamviz.lean, logits only where a loss reads them),
+  once, the blocks above run through steamviz.core.lean, logits only where a loss reads them),
   float32 throughout
 - bf16: the same with ``v_matmul_dtype: bfloat16`` (the blocks' matrix products in
   bfloat16 on AMX; stream, norms, attention and losses stay float32) -- opt-in
@@ -22,11 +22,11 @@ import time
 import torch
 
 from steamviz import rome, steam
-from steamviz.anchors import AnchorError, build_anchor
-from steamviz.datasets import load_counterfact
-from steamviz.models import load_model
+from steamviz.look.anchors import AnchorError, build_anchor
+from steamviz.data.datasets import load_counterfact
+from steamviz.core.models import load_model
 from steamviz import fetch
-from steamviz.memo import clear_caches
+from steamviz.core.memo import clear_caches
 
 
 def peak_mb() -> float:
@@ -41,7 +41,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     lm = load_model(device="cpu")
-    from steamviz.datasets import load_edits
+    from steamviz.data.datasets import load_edits
 
     reqs = load_counterfact(fetch.path("counterfact", "counterfact_easyedit/counterfact-val.json"),
                             limit=args.edits) if args.data == "counterfact" else load_edits(

@@ -6,7 +6,7 @@ independent: 8 separate experiments, each starting from empty in-process caches 
 prompts, ROME preparation, anchors, recall checks): measure unedited, edit, measure.
 Both use the same settings (generation off, bank of 400 facts, on-disk caches warm).
 Run: python benchmarks/bench_sweep.py. Target (#20): ratio sweep / independent <= 0.4 (the
-sweep optimises the 8 target vectors together: steamviz.rome.compute_vs).
+sweep optimises the 8 target vectors together: steamviz.edit.rome.compute_vs).
 Last line: the ratio.
 """
 
@@ -17,9 +17,9 @@ import time
 import torch
 
 from steamviz import anchors, context
-from steamviz.models import load_model
-from steamviz.sweep import Runner, SweepConfig, run_sweep
-from steamviz.memo import clear_caches
+from steamviz.core.models import load_model
+from steamviz.run.sweep import Runner, SweepConfig, run_sweep
+from steamviz.core.memo import clear_caches
 
 LAMS = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0]
 

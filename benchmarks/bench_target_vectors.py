@@ -1,5 +1,5 @@
 """Batched target vectors: 8 STEAM-ROME objectives of one request optimised together
-(:func:`steamviz.rome.compute_vs`) vs one at a time (:func:`steamviz.rome.compute_v`).
+(:func:`steamviz.edit.rome.compute_vs`) vs one at a time (:func:`steamviz.edit.rome.compute_v`).
 
 Same request (the first default edit), same prepared rows, lambdas 1 ... 200, default
 alignment layers, 25 steps each (no early stop), float32. Baseline: the 8 objectives one
@@ -12,9 +12,9 @@ import time
 import torch
 
 from steamviz import rome, steam
-from steamviz.anchors import build_anchor
-from steamviz.datasets import load_named
-from steamviz.models import load_model
+from steamviz.look.anchors import build_anchor
+from steamviz.data.datasets import load_named
+from steamviz.core.models import load_model
 
 LAMS = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0]
 

@@ -2,7 +2,7 @@
 """Check the project's data files and measure what the unedited model recalls of them.
 
 Reads ``relations.json``, ``reference_facts.jsonl`` and ``edits.jsonl`` from the data folder
-(default ``steamviz.paths.data_dir()``), then reports:
+(default ``steamviz.core.paths.data_dir()``), then reports:
 
 - schema problems (missing/extra keys, templates without exactly one ``{}``, subjects missing
   from their prompts, question marks, unknown relations, duplicate facts or case ids);
@@ -16,7 +16,7 @@ Reads ``relations.json``, ``reference_facts.jsonl`` and ``edits.jsonl`` from the
 
 "Recalled" means greedy decoding from the prompt starts with the object's tokens
 (``" " + object``): every object token is the argmax after the prompt and the tokens before
-it (teacher forcing, :func:`steamviz.forward.target_logprobs`).
+it (teacher forcing, :func:`steamviz.core.forward.target_logprobs`).
 
 The script writes nothing unless ``--out report.json`` is given. Exit status 1 when a schema
 problem is found or an edit fails a hard check (target_true not recalled, anchor too small).
@@ -147,8 +147,8 @@ class Recall:
         self.lm, self.bs, self.cache = lm, batch_size, {}
 
     def __call__(self, pairs: list[tuple[str, str]]) -> list[dict]:
-        from steamviz.forward import target_logprobs
-        from steamviz.tokens import token_ids
+        from steamviz.core.forward import target_logprobs
+        from steamviz.core.tokens import token_ids
 
         todo = sorted({p for p in pairs if p not in self.cache},
                       key=lambda pt: len(token_ids(self.lm, pt[0] + " " + pt[1])))
@@ -188,9 +188,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from steamviz.datasets import load_edits, load_reference_facts, load_relations
-    from steamviz.models import load_model
-    from steamviz.paths import data_dir
+    from steamviz.data.datasets import load_edits, load_reference_facts, load_relations
+    from steamviz.core.models import load_model
+    from steamviz.core.paths import data_dir
 
     folder = args.data or data_dir()
     rels = json.loads((folder / "relations.json").read_text(encoding="utf-8"))
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
         if edits_path.exists():
             load_edits(edits_path)
     except Exception as e:  # noqa: BLE001 - report whatever the loader objects to
-        problems.append(f"steamviz.datasets refuses the files: {e}")
+        problems.append(f"steamviz.data.datasets refuses the files: {e}")
     print(f"== files in {folder}")
     print(f"relations {len(rels)}, reference facts {len(facts)}, edits {len(edits)}")
     if not edits_path.exists():
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
     print(f"edit failures: {len(failures)}   ({time.time() - t0:.0f} s with the model)")
 
     if args.out:
-        from steamviz.io import write_json
+        from steamviz.core.io import write_json
 
         fact_keys = ("subject", "relation", "object", "prompt", "recalled", "prob")
         report = {

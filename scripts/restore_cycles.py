@@ -19,9 +19,9 @@ import time
 import torch
 
 from steamviz import memit, rome
-from steamviz.datasets import load_edits
-from steamviz.guard import active_edits
-from steamviz.models import load_model
+from steamviz.data.datasets import load_edits
+from steamviz.core.guard import active_edits
+from steamviz.core.models import load_model
 
 
 def snapshot(model, names):

@@ -15,8 +15,8 @@ from pathlib import Path
 def _demo(args) -> int:
     import torch
 
-    from .demo import run_demo
-    from .models import load_model
+    from .show.demo import run_demo
+    from .core.models import load_model
 
     _check_device(args.device)
     torch.manual_seed(0)
@@ -26,10 +26,10 @@ def _demo(args) -> int:
 
 
 def _edit(args) -> int:
-    from . import rome
-    from .forward import greedy, target_logprobs
-    from .models import load_model
-    from .requests import EditRequest
+    from .edit import rome
+    from .core.forward import greedy, target_logprobs
+    from .core.models import load_model
+    from .data.requests import EditRequest
 
     _check_device(args.device)
     req = EditRequest(prompt=args.prompt, subject=args.subject, target_new=args.target_new,
@@ -75,7 +75,7 @@ def _check_device(device: str) -> None:
 
 
 def _check_recall(rule: str) -> None:
-    from .anchors import recall_rule_ok
+    from .look.anchors import recall_rule_ok
 
     why = recall_rule_ok(rule)
     if why:
@@ -85,8 +85,8 @@ def _check_recall(rule: str) -> None:
 def _check_edit_args(method: str, lam, params: dict, model=None) -> dict:
     """Everything about the editor that can be checked before the model loads (block
     indices against the depth in ``model``'s config)."""
-    from .editors import check_params, methods
-    from .models import model_depth
+    from .edit.editors import check_params, methods
+    from .core.models import model_depth
 
     known = methods(batch=False)
     if method.lower() not in known:
@@ -105,10 +105,10 @@ def _check_edit_args(method: str, lam, params: dict, model=None) -> dict:
 
 
 def _eval(args) -> int:
-    from . import evaluation
-    from .datasets import load_named
-    from .io import write_bytes, write_text
-    from .models import load_model
+    from .run import evaluation
+    from .data.datasets import load_named
+    from .core.io import write_bytes, write_text
+    from .core.models import load_model
 
     if args.n is not None and args.n < 1:
         raise UsageError(f"--n {args.n}: evaluate at least one request (--n 1 or more)")
@@ -131,7 +131,7 @@ def _eval(args) -> int:
 
 
 def _sweep(args) -> int:
-    from .sweep import ConfigError, SweepConfig, run_sweep, summarize
+    from .run.sweep import ConfigError, SweepConfig, run_sweep, summarize
 
     try:
         cfg = SweepConfig.from_yaml(args.config)
@@ -140,9 +140,9 @@ def _sweep(args) -> int:
         return 2
     if args.n is not None:
         cfg.n_edits = args.n
-    from .executors import ExecutorError
+    from .run.executors import ExecutorError
 
-    from .sweep import StoreBusy
+    from .run.sweep import StoreBusy
 
     try:
         df = run_sweep(cfg, args.out, executor=args.executor, address=args.address,
@@ -150,7 +150,7 @@ def _sweep(args) -> int:
     except (ExecutorError, ConfigError, StoreBusy) as e:
         print(f"steamviz sweep: {e}", file=sys.stderr)
         return 2
-    from .evaluation import markdown
+    from .run.evaluation import markdown
 
     table = summarize(df)
     print(markdown(table.set_index("method")))
@@ -158,8 +158,8 @@ def _sweep(args) -> int:
 
 
 def _figures(args) -> int:
-    from . import figures
-    from .sweep import Store
+    from .show import figures
+    from .run.sweep import Store
 
     run = Path(args.run)
     df = Store(run).frame()
@@ -169,7 +169,7 @@ def _figures(args) -> int:
     out = Path(args.out) if args.out else run / "figures"
     made = figures.sweep_figures(df, log=lambda m: print(f"steamviz figures: {m}"))
     if args.replay:
-        from .replay import replay_figures
+        from .show.replay import replay_figures
 
         made.update(replay_figures(run, map_method=args.map, device=args.device,
                                    log=lambda m: print(f"steamviz figures: {m}")))
@@ -182,7 +182,7 @@ def _figures(args) -> int:
 
 
 def _data(args) -> int:
-    from . import fetch
+    from .data import fetch
 
     if args.action == "list":
         rows = fetch.table()
@@ -214,10 +214,10 @@ def _data(args) -> int:
 
 
 def _pool(args) -> int:
-    from . import pool
-    from .datasets import load_named
-    from .io import write_json
-    from .models import load_model
+    from .look import pool
+    from .data.datasets import load_named
+    from .core.io import write_json
+    from .core.models import load_model
 
     _check_recall(args.recall)
     reqs = load_named(args.data, args.n)  # data errors come before the model loads
@@ -251,9 +251,9 @@ def _pool(args) -> int:
 
 
 def _compare(args) -> int:
-    from .compare import paired
-    from .evaluation import markdown
-    from .sweep import Store
+    from .measure.compare import paired
+    from .run.evaluation import markdown
+    from .run.sweep import Store
 
     df = Store(Path(args.run)).frame()
     if df.empty:
@@ -271,7 +271,7 @@ def _compare(args) -> int:
     print(f"Paired differences (point - {args.baseline}) per edit, bootstrap 95% CI, "
           "two-sided sign-flip p; integration metrics are held out (paraphrase prompts).\n")
     if args.table:
-        from .compare import table
+        from .measure.compare import table
 
         print("Bold: the CI excludes 0 and p < 0.05.\n")
         print(table(t))
@@ -285,9 +285,9 @@ def doctor_checks() -> list[tuple[str, bool, str, str]]:
     import importlib.metadata as md
     import os
 
-    from . import fetch
-    from .models import cache_folder, find_default_gguf
-    from .paths import cache_dir
+    from .data import fetch
+    from .core.models import cache_folder, find_default_gguf
+    from .core.paths import cache_dir
 
     out = []
     try:
@@ -308,7 +308,7 @@ def doctor_checks() -> list[tuple[str, bool, str, str]]:
         here = r["status"] != "not fetched"
         out.append((f"data: {r['name']}", here, r["status"],
                     "" if here else f"steamviz data get {r['name']}"))
-    from .figures import find_browser
+    from .show.figures import find_browser
 
     b = find_browser()
     out.append(("chromium (PNG/PDF/SVG export)", b is not None, b or "not found",
@@ -342,8 +342,8 @@ def _doctor(args) -> int:
 
 
 def _claims(args) -> int:
-    from .claims import ClaimsConfig, run_claims
-    from .models import load_model
+    from .run.claims import ClaimsConfig, run_claims
+    from .core.models import load_model
 
     cfg = ClaimsConfig(n_cf=args.n_cf, n_port=args.n_port, seeds=args.seeds,
                        lams=args.lams, centred_lam=args.centred_lam,
@@ -483,8 +483,8 @@ def main(argv=None) -> int:
                    help="one row per metric, one column per method: the table of docs/results.md")
     c.set_defaults(fn=_compare)
     args = ap.parse_args(argv)
-    from .fetch import DataError
-    from .requests import RequestError
+    from .data.fetch import DataError
+    from .data.requests import RequestError
 
     try:
         return args.fn(args)

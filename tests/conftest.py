@@ -11,7 +11,7 @@ from steamviz import fetch
 
 @pytest.fixture(scope="session")
 def lm():
-    from steamviz.models import load_model
+    from steamviz.core.models import load_model
 
     torch.manual_seed(0)
     return load_model(device="cpu")
@@ -61,7 +61,7 @@ def build_tiny(arch: str, tok, seed: int = 0):
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from steamviz.models import from_model
+    from steamviz.core.models import from_model
 
     kw = dict(TINY[arch])
     cfg = getattr(transformers, kw.pop("cls"))(vocab_size=len(tok), initializer_range=0.3, **kw)

@@ -4,10 +4,10 @@ supported architecture (no download)."""
 import pytest
 import torch
 
-from steamviz.arch import ADAPTERS, adapter_for, as_out_in, final_readout, get_module, mlp_out_module
-from steamviz.capture import capture
-from steamviz.forward import run_from_layer
-from steamviz.tokens import encode
+from steamviz.core.arch import ADAPTERS, adapter_for, as_out_in, final_readout, get_module, mlp_out_module
+from steamviz.look.capture import capture
+from steamviz.core.forward import run_from_layer
+from steamviz.core.tokens import encode
 
 PROMPTS = ["The capital of France is", "Tokyo is a big city in the country of", "Paris"]
 SUBJECTS = ["France", "Tokyo", "Paris"]
@@ -94,8 +94,8 @@ def test_kv_cache_calls_are_quiet_and_equal_a_full_forward(tiny):
     one full forward."""
     import warnings
 
-    from steamviz.arch import cache_kwargs, output_cache
-    from steamviz.forward import greedy
+    from steamviz.core.arch import cache_kwargs, output_cache
+    from steamviz.core.forward import greedy
 
     ids = torch.tensor([[0] + tiny.tok("Paris is a city in", add_special_tokens=False)["input_ids"]])
     with warnings.catch_warnings():

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from steamviz import baft
-from steamviz.baft import BaFTHparams, BasisIntervention
-from steamviz.editors import edit as edit_with
-from steamviz.forward import greedy, next_token_logits, target_logprobs
-from steamviz.requests import EditRequest
+from steamviz.edit.baft import BaFTHparams, BasisIntervention
+from steamviz.edit.editors import edit as edit_with
+from steamviz.core.forward import greedy, next_token_logits, target_logprobs
+from steamviz.data.requests import EditRequest
 
 FAST = dict(context_template_length_params=((5, 1), (10, 1)))
 REQ = EditRequest(prompt="The capital of {} is", subject="France", target_new="Rome",

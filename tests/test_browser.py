@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from steamviz.figures import find_browser
+from steamviz.show.figures import find_browser
 
 pytestmark = pytest.mark.model
 ROOT = Path(__file__).parent.parent

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from steamviz.arch import final_readout, get_module
-from steamviz.capture import capture
-from steamviz.forward import greedy
-from steamviz.tokens import encode, fill, subject_span, token_ids
+from steamviz.core.arch import final_readout, get_module
+from steamviz.look.capture import capture
+from steamviz.core.forward import greedy
+from steamviz.core.tokens import encode, fill, subject_span, token_ids
 
 pytestmark = pytest.mark.model
 

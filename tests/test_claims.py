@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steamviz.claims import ClaimsConfig, claims_table, run_claims, verdict
+from steamviz.run.claims import ClaimsConfig, claims_table, run_claims, verdict
 
 
 def test_verdicts_follow_the_interval():

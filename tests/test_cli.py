@@ -11,7 +11,7 @@ pytestmark = pytest.mark.model
 
 def test_demo_does_the_main_job(tmp_path, lm):
     # issue 15.3: edits with ROME and STEAM-ROME, a report with the four views, PNGs beside it
-    from steamviz.figures import find_browser
+    from steamviz.show.figures import find_browser
 
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "steamviz", "demo", "--out", str(out), "--n", "1",
@@ -78,8 +78,8 @@ def test_eval_refuses_bad_input_in_one_line_before_loading_the_model(argv, says,
 
 
 def test_unknown_rome_parameter_is_named(lm):
-    from steamviz.editors import edit
-    from steamviz.requests import EditRequest
+    from steamviz.edit.editors import edit
+    from steamviz.data.requests import EditRequest
 
     req = EditRequest(prompt="{} is located in the country of", subject="Toronto",
                       target_new="Japan", target_true="Canada")

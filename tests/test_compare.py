@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steamviz.compare import ci_mean, paired, paired_layers, sign_flip_p
+from steamviz.measure.compare import ci_mean, paired, paired_layers, sign_flip_p
 
 
 def test_sign_flip_is_exact_for_small_samples():
@@ -69,7 +69,7 @@ def test_anchor_seeds_pair_within_seed_and_average_per_edit():
 
 
 def test_sentences_state_the_measured_difference_and_what_its_interval_says():
-    from steamviz.compare import sentences
+    from steamviz.measure.compare import sentences
 
     rows = []
     for c in range(6):
@@ -97,7 +97,7 @@ def test_sentences_state_the_measured_difference_and_what_its_interval_says():
 
 
 def test_table_puts_a_column_per_method_and_bolds_only_clear_differences():
-    from steamviz.compare import table
+    from steamviz.measure.compare import table
 
     rng = np.random.default_rng(0)
     n = 20

@@ -1,4 +1,4 @@
-"""Tests for steamviz.datasets: the shared public data (skipped when absent) and small
+"""Tests for steamviz.data.datasets: the shared public data (skipped when absent) and small
 hand-written files covering every format and the malformed-input errors."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from steamviz.datasets import (
+from steamviz.data.datasets import (
     Fact,
     load_counterfact,
     load_edits,
@@ -23,8 +23,8 @@ from steamviz.datasets import (
     load_zsre,
 )
 from steamviz import fetch
-from steamviz.paths import data_dir
-from steamviz.requests import EditRequest, RequestError
+from steamviz.core.paths import data_dir
+from steamviz.data.requests import EditRequest, RequestError
 
 _WHY = [w for w in (fetch.available(n) for n in ("counterfact", "zsre", "mquake", "lre",
                                                   "pararel")) if w]

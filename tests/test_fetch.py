@@ -180,7 +180,7 @@ def test_data_cli_lists_and_refuses_unknown_names(tmp_path):
 
 
 def test_named_data_reads_through_the_fetch_layer(tmp_path, monkeypatch):
-    from steamviz.datasets import load_named
+    from steamviz.data.datasets import load_named
 
     monkeypatch.setenv("STEAMVIZ_CACHE", str(tmp_path / "empty"))
     mirror = fetch.mirror()

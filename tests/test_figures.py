@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from steamviz import figures
-from steamviz.figures import ExportError, export
-from steamviz.geometry import fit_map
+from steamviz.show.figures import ExportError, export
+from steamviz.measure.geometry import fit_map
 
 
 def _sweep_rows():
@@ -143,7 +143,7 @@ def test_umap_map_is_seeded_cached_and_places_new_points(tmp_path, monkeypatch):
 def test_exact_index_matches_brute_force(metric):
     from scipy.spatial.distance import cdist
 
-    from steamviz.geometry import ExactIndex
+    from steamviz.measure.geometry import ExactIndex
 
     rng = np.random.default_rng(2)
     data, q = rng.normal(size=(300, 16)), rng.normal(size=(40, 16))
@@ -158,7 +158,7 @@ def test_exact_index_matches_brute_force(metric):
 
 
 def test_paired_layer_difference_draws_band_line_and_control():
-    from steamviz.figures import paired_layer_difference
+    from steamviz.show.figures import paired_layer_difference
 
     rng = np.random.default_rng(0)
     rows = []
@@ -202,7 +202,7 @@ def _bank_and_map(n_far: int = 0, seed: int = 0):
 
 def _all_figures():
     """One of every figure steamviz draws, and the panels' figures."""
-    from steamviz.widgets import EditPanel, SweepExplorer
+    from steamviz.show.widgets import EditPanel, SweepExplorer
 
     df = _sweep_rows()
     summ = df.groupby(["method", "lam"], dropna=False).mean(numeric_only=True).reset_index()
@@ -230,7 +230,7 @@ def _all_figures():
 
 def test_method_colours_and_labels_come_from_the_registry(monkeypatch):
     from steamviz import editors
-    from steamviz.widgets import SweepExplorer
+    from steamviz.show.widgets import SweepExplorer
 
     rows = editors.DISPLAY
     assert {"unedited", "rome", "steam-rome", "memit", "steam-memit", "sake", "baft",

@@ -1,11 +1,11 @@
-"""The one stream reader (steamviz.hooks) on the tiny models of every architecture."""
+"""The one stream reader (steamviz.core.hooks) on the tiny models of every architecture."""
 
 import pytest
 import torch
 
-from steamviz.arch import get_module, mlp_out_module
-from steamviz.hooks import Tap, hooks, read, stream
-from steamviz.tokens import encode
+from steamviz.core.arch import get_module, mlp_out_module
+from steamviz.core.hooks import Tap, hooks, read, stream
+from steamviz.core.tokens import encode
 
 PROMPTS = ["The capital of France is", "Rome is the capital of the country of"]
 

@@ -3,7 +3,7 @@
 import pytest
 
 from steamviz import editors
-from steamviz.requests import EditRequest, RequestError
+from steamviz.data.requests import EditRequest, RequestError
 
 BASE = dict(prompt="{} is located in", subject="Toronto", target_new="Japan",
             target_true="Canada")
@@ -39,7 +39,7 @@ def test_a_bad_alignment_strength_is_refused(tiny, lam):
 
 
 def test_negative_lambdas_in_a_sweep_config_are_refused():
-    from steamviz.sweep import ConfigError, SweepConfig
+    from steamviz.run.sweep import ConfigError, SweepConfig
 
     with pytest.raises(ConfigError, match="'lams': a list of numbers >= 0"):
         SweepConfig.from_dict(dict(lams=[-5.0]))
@@ -54,7 +54,7 @@ def test_negative_lambdas_in_a_sweep_config_are_refused():
     (dict(hparams=dict(v_num_grad_steps=0)), "hparams"),
 ])
 def test_bad_sweep_values_are_refused_naming_the_key(bad, key):
-    from steamviz.sweep import ConfigError, SweepConfig
+    from steamviz.run.sweep import ConfigError, SweepConfig
 
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
         SweepConfig.from_dict(bad)
@@ -63,15 +63,15 @@ def test_bad_sweep_values_are_refused_naming_the_key(bad, key):
 def test_every_shipped_config_is_valid():
     from pathlib import Path
 
-    from steamviz.sweep import SweepConfig
+    from steamviz.run.sweep import SweepConfig
 
     for p in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
         SweepConfig.from_yaml(p)
 
 
-HPARAMS = [("steamviz.rome", "ROMEHparams", "ROME"), ("steamviz.memit", "MEMITHparams", "MEMIT"),
-           ("steamviz.sake", "SAKEHparams", "SAKE"), ("steamviz.baft", "BaFTHparams", "BaFT"),
-           ("steamviz.kne", "KNEHparams", "KNE")]
+HPARAMS = [("steamviz.edit.rome", "ROMEHparams", "ROME"), ("steamviz.edit.memit", "MEMITHparams", "MEMIT"),
+           ("steamviz.edit.sake", "SAKEHparams", "SAKE"), ("steamviz.edit.baft", "BaFTHparams", "BaFT"),
+           ("steamviz.edit.kne", "KNEHparams", "KNE")]
 
 
 @pytest.mark.parametrize("mod, name, label", HPARAMS)

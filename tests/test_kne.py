@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from steamviz import editors, kne
-from steamviz.edits import load_edit
-from steamviz.forward import target_logprobs
-from steamviz.kne import KNEHparams
-from steamviz.requests import EditRequest
-from steamviz.tokens import fill, token_ids
+from steamviz.edit.edits import load_edit
+from steamviz.core.forward import target_logprobs
+from steamviz.edit.kne import KNEHparams
+from steamviz.data.requests import EditRequest
+from steamviz.core.tokens import fill, token_ids
 
 REQ = EditRequest(prompt="The city of {} is located in the country of", subject="Toronto",
                   target_new="Japan", target_true="Canada")

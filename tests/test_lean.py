@@ -1,13 +1,13 @@
-"""The lean forward (steamviz.lean) stands in for the model's modules in the v* loop: same
+"""The lean forward (steamviz.core.lean) stands in for the model's modules in the v* loop: same
 result as the modules, used only where it applies, bfloat16 products only on request."""
 
 import pytest
 import torch
 
 from steamviz import lean, rome
-from steamviz.requests import EditRequest
-from steamviz.rome import ROMEHparams
-from steamviz.steam import AlignLoss
+from steamviz.data.requests import EditRequest
+from steamviz.edit.rome import ROMEHparams
+from steamviz.edit.steam import AlignLoss
 
 REQ = EditRequest(prompt="The capital city of {} is", subject="France", target_new="Rome",
                   target_true="Paris")

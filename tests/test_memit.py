@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from steamviz import memit
-from steamviz.forward import target_logprobs
-from steamviz.memit import MEMITHparams
-from steamviz.requests import EditRequest
-from steamviz.memo import clear_caches
+from steamviz.core.forward import target_logprobs
+from steamviz.edit.memit import MEMITHparams
+from steamviz.data.requests import EditRequest
+from steamviz.core.memo import clear_caches
 
 FAST = dict(context_template_length_params=((5, 2), (10, 2)), v_num_grad_steps=12)
 
@@ -175,7 +175,7 @@ def test_keys_are_the_mean_of_per_type_means(tokenizer, monkeypatch):
     written update, dW = delta k^T / (w s + k.k) for one request at one layer (C = s I)."""
     from conftest import build_tiny
 
-    from steamviz.context import context_templates
+    from steamviz.core.context import context_templates
 
     lm = build_tiny("llama", tokenizer)
     L = 2

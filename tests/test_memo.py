@@ -1,4 +1,4 @@
-"""One registry of in-process caches (steamviz.memo) and one clear_caches()."""
+"""One registry of in-process caches (steamviz.core.memo) and one clear_caches()."""
 
 import re
 from pathlib import Path
@@ -14,11 +14,11 @@ def test_no_module_keeps_a_private_cache():
     (public module-level dicts are registries, e.g. the editors table)."""
     root = Path(sv.__file__).parent
     found = []
-    for f in sorted(p for p in root.glob("*.py") if p.name != "memo.py"):
+    for f in sorted(p for p in root.rglob("*.py") if p.name != "memo.py"):
         for i, line in enumerate(f.read_text().splitlines(), 1):
             if re.match(r"^_[A-Za-z_]+(: [^=]+)? = (\{\}|dict\(\))\s*(#.*)?$", line):
                 found.append(f"{f.name}:{i}: {line}")
-    assert not found, "use steamviz.memo.memo(name) for these caches:\n" + "\n".join(found)
+    assert not found, "use steamviz.core.memo.memo(name) for these caches:\n" + "\n".join(found)
 
 
 def test_clear_caches_by_name_and_all():

@@ -6,10 +6,10 @@ import math
 import pytest
 
 from steamviz import fetch, metrics
-from steamviz.edits import Edit
-from steamviz.guard import EditedModelError
-from steamviz.requests import EditRequest
-from steamviz.memo import clear_caches
+from steamviz.edit.edits import Edit
+from steamviz.core.guard import EditedModelError
+from steamviz.data.requests import EditRequest
+from steamviz.core.memo import clear_caches
 
 from conftest import data_missing
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from steamviz import models
-from steamviz.models import _verify, find_default_gguf, load_model, resolve_device
+from steamviz.core.models import _verify, find_default_gguf, load_model, resolve_device
 
 
 def test_missing_default_model_names_the_fix(monkeypatch):

@@ -128,19 +128,49 @@ def test_nothing_in_the_package_loads_pickles():
     assert not bad, bad
 
 
-def _import_graph() -> dict[str, set[str]]:
-    """``{module: steamviz modules it imports}``, deferred (in-function) imports included."""
+#: the subpackages in the order data flows: each may import only itself and those before it
+LAYERS = ("core", "data", "look", "edit", "measure", "run", "show")
+
+
+def _modules() -> dict[str, Path]:
+    """``{dotted name below steamviz: path}`` of every module (``edit.rome``, ``cli``)."""
+    pkg = ROOT / "steamviz"
+    return {".".join(p.relative_to(pkg).with_suffix("").parts): p for p in pkg.rglob("*.py")
+            if p.name != "__init__.py" and "__pycache__" not in p.parts}
+
+
+def _imports(name: str, path: Path):
+    """``(module it imports, the names it takes)`` for every steamviz import of a module,
+    deferred (in-function) imports included; relative imports resolved."""
     import ast
 
-    pkg = ROOT / "steamviz"
-    mods = {p.stem for p in pkg.glob("*.py")}
+    here = name.split(".")[:-1]
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.ImportFrom):
+            if n.level:
+                base = here[: len(here) - (n.level - 1)]
+                target = ".".join(base + ([n.module] if n.module else []))
+            elif n.module and n.module.startswith("steamviz."):
+                target = n.module[len("steamviz."):]
+            else:
+                continue
+            yield target, [a.name for a in n.names]
+        elif isinstance(n, ast.Import):
+            for a in n.names:
+                if a.name.startswith("steamviz."):
+                    yield a.name[len("steamviz."):], []
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """``{module: steamviz modules it imports}`` (``from . import fetch`` counts as fetch)."""
+    mods = _modules()
     graph = {}
-    for p in pkg.glob("*.py"):
+    for name, path in mods.items():
         deps = set()
-        for n in ast.walk(ast.parse(p.read_text())):
-            if isinstance(n, ast.ImportFrom) and n.level == 1:
-                deps |= {n.module.split(".")[0]} if n.module else {a.name for a in n.names}
-        graph[p.stem] = {d for d in deps if d in mods and d != p.stem}
+        for target, names in _imports(name, path):
+            subs = {f"{target}.{a}" if target else a for a in names}
+            deps |= (subs & set(mods)) or ({target} & set(mods))
+        graph[name] = deps - {name}
     return graph
 
 
@@ -162,19 +192,43 @@ def test_the_package_has_no_import_cycle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
-    assert graph["executors"] <= {"plan", "runner"}, "executors drives the runner, never sweep"
+    assert graph["run.executors"] <= {"run.plan", "run.runner"}, \
+        "executors drives the runner, never sweep"
+
+
+def test_the_subpackages_import_in_one_direction():
+    """core -> data -> look -> edit -> measure -> run -> show: a module imports from its own
+    subpackage and those before it, never after (the CLI, at the top, may import any)."""
+    graph = _import_graph()
+    assert {m.split(".")[0] for m in graph if "." in m} == set(LAYERS)
+    up = [f"{m} -> {d}" for m, deps in graph.items() if "." in m for d in deps
+          if "." not in d or LAYERS.index(d.split(".")[0]) > LAYERS.index(m.split(".")[0])]
+    assert not up, "imports against the data flow:\n" + "\n".join(sorted(up))
+
+
+def test_the_direction_check_itself_notices_an_upward_import(tmp_path, monkeypatch):
+    pkg = tmp_path / "steamviz"
+    for sub in ("core", "show"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "core" / "models.py").write_text("def f():\n    from ..show import figures\n")
+    (pkg / "show" / "figures.py").write_text("")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert _import_graph() == {"core.models": {"show.figures"}, "show.figures": set()}
+
+
+def test_no_module_is_over_500_lines():
+    long = {n: len(p.read_text().splitlines()) for n, p in _modules().items()}
+    assert not {n: k for n, k in long.items() if k > 500}, long
 
 
 def test_no_private_name_crosses_a_module():
     """A name with a leading underscore is its module's business: no other module imports it."""
-    import ast
-
     crossing = []
-    for p in sorted((ROOT / "steamviz").glob("*.py")):
-        for n in ast.walk(ast.parse(p.read_text())):
-            if isinstance(n, ast.ImportFrom) and n.level == 1:
-                crossing += [f"{p.name}: from .{n.module} import {a.name}" for a in n.names
-                             if a.name.startswith("_") and not a.name.startswith("__")]
+    for name, path in sorted(_modules().items()):
+        for target, names in _imports(name, path):
+            crossing += [f"{name}: from {target} import {a}" for a in names
+                         if a.startswith("_") and not a.startswith("__")]
     assert not crossing, "\n".join(crossing)
 
 

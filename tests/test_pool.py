@@ -5,9 +5,9 @@ import json
 import pytest
 
 from steamviz import pool
-from steamviz.datasets import Fact
-from steamviz.requests import EditRequest, RequestError
-from steamviz.memo import clear_caches
+from steamviz.data.datasets import Fact
+from steamviz.data.requests import EditRequest, RequestError
+from steamviz.core.memo import clear_caches
 
 
 def test_polyglot_rows_become_facts_with_the_subject_slot(tmp_path):
@@ -59,7 +59,7 @@ def test_coverage_reports_every_request_with_its_reason(tiny):
 
 @pytest.mark.model
 def test_coverage_of_the_default_edit_set_with_the_project_facts(lm):
-    from steamviz.datasets import load_edits
+    from steamviz.data.datasets import load_edits
 
     reqs = load_edits(limit=20)
     rep = pool.coverage(lm, reqs, pool.load_pool(sources=("project",)))
@@ -148,7 +148,7 @@ def test_pattern_choice_takes_the_pattern_the_model_completes_best(tokenizer, tm
     from conftest import build_tiny
 
     from steamviz import anchors
-    from steamviz.datasets import load_pararel, pararel_patterns
+    from steamviz.data.datasets import load_pararel, pararel_patterns
 
     tiny = build_tiny("llama", tokenizer)
     root = _pararel(tmp_path)

@@ -27,8 +27,8 @@ import pytest
 import yaml
 from test_sweep import SMALL
 
-from steamviz.executors import ExecutorError, make_executor
-from steamviz.sweep import Store, SweepConfig, run_sweep
+from steamviz.run.executors import ExecutorError, make_executor
+from steamviz.run.sweep import Store, SweepConfig, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = {"seconds", "edit_seconds"}  # wall-clock columns differ between runs
@@ -63,8 +63,8 @@ def test_executor_choice_is_checked():
 
 
 def test_import_and_local_executor_do_not_import_ray(tmp_path):
-    code = ("import sys, steamviz, steamviz.sweep, steamviz.cli, steamviz.executors as ex; "
-            "from steamviz.sweep import SweepConfig; "
+    code = ("import sys, steamviz, steamviz.run.sweep, steamviz.cli, steamviz.run.executors as ex; "
+            "from steamviz.run.sweep import SweepConfig; "
             "ex.make_executor('local', SweepConfig(n_edits=1)); print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, check=True)

@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from steamviz import rome
-from steamviz.anchors import Anchor, build_anchor, recalled, reference_bank
-from steamviz.datasets import Fact
-from steamviz.edits import Edit
-from steamviz.guard import EditedModelError
-from steamviz.metrics import reference_text
-from steamviz.references import build_references
-from steamviz.requests import EditRequest
-from steamviz.rome import ROMEHparams
-from steamviz.steam import AlignLoss
-from steamviz.sweep import Store, SweepConfig, run_sweep
-from steamviz.memo import clear_caches
+from steamviz.look.anchors import Anchor, build_anchor, recalled, reference_bank
+from steamviz.data.datasets import Fact
+from steamviz.edit.edits import Edit
+from steamviz.core.guard import EditedModelError
+from steamviz.measure.metrics import reference_text
+from steamviz.measure.references import build_references
+from steamviz.data.requests import EditRequest
+from steamviz.edit.rome import ROMEHparams
+from steamviz.edit.steam import AlignLoss
+from steamviz.run.sweep import Store, SweepConfig, run_sweep
+from steamviz.core.memo import clear_caches
 
 FACTS = [Fact(s, "capital_of", "Japan", "{} is the capital of") for s in
          ("Tokyo", "Kyoto", "Osaka", "Nara")] + [
@@ -65,7 +65,7 @@ def test_anchor_and_bank_caches_are_safetensors_and_validated(tiny, tmp_path, mo
     assert torch.equal(reference_bank(tiny, facts=FACTS).tensor, bank.tensor)
     # a file of the right name holding something else is rebuilt, not returned
     path = next(tmp_path.rglob("anchors/*.safetensors"))
-    from steamviz.io import save_tensors
+    from steamviz.core.io import save_tensors
 
     save_tensors(path, {"phi": torch.zeros(3, 3)}, dict(kind="anchor", key="other"))
     clear_caches("anchors")
@@ -133,8 +133,8 @@ def test_sweeps_default_to_a_fixed_step_budget():
 
 
 def test_held_out_and_trained_columns_and_control(tiny, tmp_path, monkeypatch):
-    from steamviz.anchors import Bank
-    from steamviz.integration import integration_rows
+    from steamviz.look.anchors import Bank
+    from steamviz.measure.integration import integration_rows
 
     g = torch.Generator().manual_seed(1)
     L, d = tiny.n_layers + 1, tiny.d_model
@@ -222,7 +222,7 @@ def test_resumed_and_partial_runs_read_the_same_references(tmp_path, monkeypatch
 
 
 def test_anchor_seed_axis_multiplies_every_point():
-    from steamviz.sweep import grid
+    from steamviz.run.sweep import grid
 
     one = grid(SweepConfig.from_dict(dict(SMALL)), 5)
     assert all("anchor_seed" not in p for p in one)  # keys of single-seed runs unchanged
@@ -249,7 +249,7 @@ def test_plain_rome_reuses_its_target_vector_exactly(tiny):
 @pytest.mark.model
 @pytest.mark.slow
 def test_a_sweep_over_anchor_seeds_pairs_within_seeds(tmp_path, lm):
-    from steamviz.compare import paired
+    from steamviz.measure.compare import paired
 
     cfg = SweepConfig.from_dict(dict(SMALL, n_edits=1, anchor_seeds=[0, 1]))
     df = run_sweep(cfg, tmp_path / "run", lm=lm, progress=False, log=lambda s: None)

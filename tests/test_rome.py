@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from steamviz import rome
-from steamviz.edits import load_edit
-from steamviz.forward import greedy, target_logprobs
-from steamviz.requests import EditRequest
-from steamviz.rome import ROMEHparams
-from steamviz.tokens import token_ids
+from steamviz.edit.edits import load_edit
+from steamviz.core.forward import greedy, target_logprobs
+from steamviz.data.requests import EditRequest
+from steamviz.edit.rome import ROMEHparams
+from steamviz.core.tokens import token_ids
 
 REQ = EditRequest(prompt="{} is located in the country of", subject="Toronto",
                   target_new="Japan", target_true="Canada",
@@ -171,8 +171,8 @@ def test_second_moment_statistics_cached_and_used(lm, tmp_path, monkeypatch):
 
 
 def test_every_edit_counts_as_active_until_restored():
-    from steamviz.edits import Edit, WeightEdit
-    from steamviz.guard import active_edits
+    from steamviz.edit.edits import Edit, WeightEdit
+    from steamviz.core.guard import active_edits
 
     model = torch.nn.Linear(3, 2)
     w0 = model.weight.detach().clone()
@@ -194,7 +194,7 @@ def test_kl_term_is_romes_direction(tokenizer):
     reads it: at the subject's last token (issue 18.3; the old code read the last token)."""
     from conftest import build_tiny
 
-    from steamviz.arch import mlp_out_module
+    from steamviz.core.arch import mlp_out_module
 
     lm = build_tiny("llama", tokenizer)
     hp = ROMEHparams(layer=1, v_num_grad_steps=2, early_stop_loss=0.0, v_lr=2.0, kl_factor=1.0,
@@ -266,7 +266,7 @@ def test_batched_target_vectors_equal_one_at_a_time(tokenizer, arch):
     early keeps its delta while the others go on."""
     from conftest import build_tiny
 
-    from steamviz.steam import AlignLoss
+    from steamviz.edit.steam import AlignLoss
 
     lm = build_tiny(arch, tokenizer)
     req = EditRequest(prompt="The capital city of {} is", subject="France", target_new="Rome",

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from steamviz import editors, sake
-from steamviz.arch import cache_kwargs, output_cache
-from steamviz.forward import greedy, next_token_logits, space, target_logprobs
-from steamviz.requests import EditRequest
-from steamviz.tokens import token_ids
+from steamviz.core.arch import cache_kwargs, output_cache
+from steamviz.core.forward import greedy, next_token_logits, space, target_logprobs
+from steamviz.data.requests import EditRequest
+from steamviz.core.tokens import token_ids
 
 # no model-written context prefixes (sampling them costs ~10 s), fewer negatives
 FAST = dict(context_template_length_params=(), n_negative_subjects=8, n_generic=24)
@@ -280,9 +280,9 @@ def _tail(a, b):
 
 
 def _evaluation_prompts(req):
-    """What steamviz.metrics.evaluate reads, but the rewrite prompt (efficacy reads the edit
+    """What steamviz.measure.metrics.evaluate reads, but the rewrite prompt (efficacy reads the edit
     itself): written out here, independently of sake.evaluation_prompts."""
-    from steamviz.metrics import generation_prompts
+    from steamviz.measure.metrics import generation_prompts
 
     return (req.paraphrase_prompts + req.neighborhood_prompts + req.portability_prompts
             + generation_prompts(req))
@@ -307,7 +307,7 @@ def _leaks(lm, req, fit) -> list:
 
 
 def _check_disjoint(lm, requests):
-    from steamviz.datasets import load_reference_facts
+    from steamviz.data.datasets import load_reference_facts
 
     try:
         facts = load_reference_facts()
@@ -327,7 +327,7 @@ def _check_disjoint(lm, requests):
 
 @pytest.mark.model
 def test_fit_and_evaluation_prompts_are_disjoint_on_the_default_set(lm):
-    from steamviz.datasets import load_named
+    from steamviz.data.datasets import load_named
 
     reqs = load_named("default")
     assert len(reqs) >= 100
@@ -341,7 +341,7 @@ def test_fit_and_evaluation_prompts_are_disjoint_on_counterfact(lm):
     why = data_missing("counterfact")
     if why:
         pytest.skip(why)
-    from steamviz.datasets import load_named
+    from steamviz.data.datasets import load_named
 
     reqs = load_named("counterfact", 8)
     assert len(reqs) == 8

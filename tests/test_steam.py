@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from steamviz import rome, steam
-from steamviz.anchors import AnchorError, build_anchor, recalled
-from steamviz.capture import capture
-from steamviz.datasets import Fact
-from steamviz.integration import axis_position, knn_share, logit_lens
-from steamviz.requests import EditRequest
+from steamviz.look.anchors import AnchorError, build_anchor, recalled
+from steamviz.look.capture import capture
+from steamviz.data.datasets import Fact
+from steamviz.measure.integration import axis_position, knn_share, logit_lens
+from steamviz.data.requests import EditRequest
 
 pytestmark = pytest.mark.model
 T = "The city of {} is located in the country of"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from steamviz.sweep import Store, StoreBusy
+from steamviz.run.sweep import Store, StoreBusy
 
 
 def _filled(tmp_path, n=3):
@@ -40,7 +40,7 @@ def test_a_second_writer_is_refused_and_temp_files_survive(tmp_path):
     tmp.write_text("{")  # the first writer's atomic write in flight
     with pytest.raises(StoreBusy, match="in use by pid .*another folder"):
         Store(tmp_path, writer=True)
-    code = ("import sys; from steamviz.sweep import Store, StoreBusy\n"
+    code = ("import sys; from steamviz.run.sweep import Store, StoreBusy\n"
             "try:\n    Store(sys.argv[1], writer=True)\nexcept StoreBusy as e:\n"
             "    print(e); sys.exit(3)\n")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
@@ -54,7 +54,7 @@ def test_a_second_writer_is_refused_and_temp_files_survive(tmp_path):
 
 
 def test_a_changed_config_is_refused_before_any_work(tmp_path):
-    from steamviz.sweep import ConfigError, SweepConfig, _config_change, run_sweep
+    from steamviz.run.sweep import ConfigError, SweepConfig, _config_change, run_sweep
 
     cfg = SweepConfig.from_dict(dict(n_edits=2, generation=False))
     s = _filled(tmp_path)
@@ -76,7 +76,7 @@ def test_a_run_recorded_before_a_config_key_existed_resumes(tmp_path):
     # the new key counts as a change
     import yaml
 
-    from steamviz.sweep import SweepConfig, _config_change
+    from steamviz.run.sweep import SweepConfig, _config_change
 
     cfg = SweepConfig.from_dict(dict(n_edits=2, generation=False))
     _filled(tmp_path).close()

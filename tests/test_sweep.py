@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from steamviz.sweep import ConfigError, Store, SweepConfig, grid, run_sweep, units
-from steamviz.memo import clear_caches
+from steamviz.run.sweep import ConfigError, Store, SweepConfig, grid, run_sweep, units
+from steamviz.core.memo import clear_caches
 
 SMALL = dict(data="default", n_edits=2, methods=["rome", "steam-rome"], lams=[50.0],
              generation=False, bank_size=100,
@@ -34,7 +34,7 @@ def test_bad_config_is_refused_naming_the_key():
 
 
 def test_pararel_patterns_from_a_file(tmp_path):
-    from steamviz.sweep import Runner
+    from steamviz.run.sweep import Runner
 
     f = tmp_path / "patterns.json"
     f.write_text(json.dumps({"P30": "{} is a part of the continent of"}))
@@ -136,7 +136,7 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(tmp_path, lm):
 
 
 def test_every_builtin_editor_is_registered():
-    from steamviz.editors import REGISTRY, methods
+    from steamviz.edit.editors import REGISTRY, methods
 
     assert {"rome", "steam-rome", "memit", "steam-memit", "sake", "baft", "kne"} <= set(
         methods(batch=False))
@@ -147,7 +147,7 @@ def test_every_builtin_editor_is_registered():
 def test_a_registered_method_gets_the_grid_axes_it_declares_and_no_other(monkeypatch):
     # issue 19: each editor is described once; the sweep reads its axes from the registry
     from steamviz import editors
-    from steamviz.sweep import Runner
+    from steamviz.run.sweep import Runner
 
     editors.load_builtin()
     for name in ("REGISTRY", "DISPLAY"):
@@ -202,7 +202,7 @@ def test_block_indices_and_method_params_checked_against_the_model_before_any_wr
         "sake": {"target_iters": 4}, "kne": {"layers": [1, 2]},
         "memit": {"v_num_grad_steps": 2}})).validate(n_layers=30)
 
-    from steamviz.models import model_depth
+    from steamviz.core.models import model_depth
 
     cfg = SweepConfig.from_dict(dict(SMALL, edit_layers=[(model_depth() or 30) + 5]))
     with pytest.raises(ConfigError, match="'edit_layers'"):
@@ -220,8 +220,8 @@ def test_memit_takes_its_own_hyperparameters_as_keywords(tokenizer):
     # method_params of a MEMIT sweep used to reach memit.apply as unknown keywords
     from conftest import build_tiny
 
-    from steamviz.editors import edit
-    from steamviz.requests import EditRequest
+    from steamviz.edit.editors import edit
+    from steamviz.data.requests import EditRequest
 
     tiny = build_tiny("llama", tokenizer)
     req = EditRequest(prompt="{} is located in", subject="Toronto", target_new="Japan",
@@ -241,8 +241,8 @@ def test_sweep_optimises_a_requests_objectives_together(tmp_path, lm, monkeypatc
     """A sweep computes the target vectors of one request's ROME and STEAM points in one
     batched optimisation (#20), and each row equals its own one-at-a-time edit."""
     from steamviz import rome
-    from steamviz.editors import edit
-    from steamviz.sweep import Runner
+    from steamviz.edit.editors import edit
+    from steamviz.run.sweep import Runner
 
     calls = []
     real = rome.compute_vs

@@ -7,10 +7,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from steamviz import memit, rome
-from steamviz.edits import WeightEdit
-from steamviz.guard import active_edits
-from steamviz.requests import EditRequest
-from steamviz.rome import ROMEHparams
+from steamviz.edit.edits import WeightEdit
+from steamviz.core.guard import active_edits
+from steamviz.data.requests import EditRequest
+from steamviz.edit.rome import ROMEHparams
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_rome_edits_restored_out_of_order(tiny_llama, tmp_path):
     only_b = _state(model)
     b.restore()
     assert _same(_state(model), start)
-    from steamviz.edits import load_edit
+    from steamviz.edit.edits import load_edit
 
     delta = load_edit(tmp_path / "b.safetensors")
     with pytest.raises(ValueError, match="made on other weights"):  # B was made on A's model
@@ -136,7 +136,7 @@ def test_a_saved_delta_knows_its_model_and_is_not_applied_twice(tiny_llama, toke
                                                                  tmp_path):
     from conftest import build_tiny
 
-    from steamviz.edits import load_edit
+    from steamviz.edit.edits import load_edit
 
     model = tiny_llama.model
     start = _state(model)

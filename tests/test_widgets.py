@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from steamviz.widgets import SweepExplorer
+from steamviz.show.widgets import SweepExplorer
 
 
 def _rows():
@@ -59,7 +59,7 @@ def test_run_button_adds_a_point():
 
 
 # --- issue 21.1: every trace follows every control ---------------------------------------
-# Rows are written to and read back from a real run store (steamviz.sweep.Store), with a
+# Rows are written to and read back from a real run store (steamviz.run.sweep.Store), with a
 # distinct random value in every row, so a trace left at an earlier selection, or averaging
 # rows of another grid point, cannot match the summary computed here from the rows.
 
@@ -71,7 +71,7 @@ def _stored_rows(tmp_path, layers, lams, aligns=("default",), centereds=(False,)
                  skipped_at=None):
     import itertools
 
-    from steamviz.sweep import Store
+    from steamviz.run.sweep import Store
 
     rng = np.random.default_rng(0)
 
@@ -222,7 +222,7 @@ def test_run_point_is_computed_at_the_selection_of_the_other_controls(tmp_path):
 
 
 def test_resumed_sweep_progress_bar_counts_the_points_done(capsys):
-    from steamviz.sweep import _progress_bar
+    from steamviz.run.sweep import _progress_bar
 
     bar = _progress_bar(6, 0)
     bar.close()

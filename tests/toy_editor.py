@@ -9,11 +9,11 @@ Imported by tests/test_sweep.py (issue #19: adding an editor touches one place).
 
 import torch
 
-from steamviz.arch import mlp_out_module
-from steamviz.editors import register
-from steamviz.edits import WeightEdit
-from steamviz.rome import keys_and_outputs
-from steamviz.tokens import token_ids
+from steamviz.core.arch import mlp_out_module
+from steamviz.edit.editors import register
+from steamviz.edit.edits import WeightEdit
+from steamviz.edit.rome import keys_and_outputs
+from steamviz.core.tokens import token_ids
 
 NAME, LABEL, COLOR = "toy-nudge", "Toy nudge", "#117733"
 

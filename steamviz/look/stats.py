@@ -1,0 +1,145 @@
+"""Second-moment statistics ``C = E[k k^T]`` of the keys entering an MLP output projection.
+
+ROME and MEMIT whiten their updates with ``C^-1``. Keys are read at the input of the edited
+projection over a text corpus (a folder of ``.txt`` files, e.g. the ``wikitext`` data set)
+or over text the model samples itself (``corpus="model"``, fixed seed). Results are cached
+per (model fingerprint, layer, corpus fingerprint, token count) in the cache dir.
+
+>>> C = second_moment(lm, layer=5, corpus=fetch.path("wikitext", "text_corpus"),
+...                   n_tokens=100_000)                  # doctest: +SKIP
+>>> C.shape                                              # doctest: +SKIP
+torch.Size([1536, 1536])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.arch import mlp_out_module
+from ..core.hooks import Tap, read
+from ..core.guard import require_unedited
+from ..core.io import load_tensors, save_tensors
+from ..core.paths import cache_dir
+from ..core.tokens import pad
+
+
+def corpus_files(corpus: str | os.PathLike) -> list[Path]:
+    p = Path(corpus)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise FileNotFoundError(f"corpus {str(p)!r} is neither a folder of .txt files nor a file")
+    files = sorted(x for x in p.rglob("*") if x.is_file() and x.suffix in (".txt", ".raw", ".tokens"))
+    if not files:
+        raise FileNotFoundError(f"corpus folder {str(p)!r} holds no .txt/.raw/.tokens files")
+    return files
+
+
+def corpus_fingerprint(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 16))
+    return h.hexdigest()[:12]
+
+
+def _chunks_from_text(lm, files: list[Path], n_tokens: int, seq_len: int) -> list[list[int]]:
+    out, total = [], 0
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="ignore")
+        paras = [t.strip() for t in text.split("\n") if len(t.strip()) > 80]
+        for para in paras:
+            ids = lm.tok(para, add_special_tokens=False)["input_ids"][: seq_len - len(lm.prefix_ids)]
+            out.append(list(lm.prefix_ids) + ids)
+            total += len(out[-1])
+            if total >= n_tokens:
+                return out
+    return out
+
+
+@torch.no_grad()
+def _chunks_from_model(lm, n_tokens: int, seq_len: int, seed: int) -> list[list[int]]:
+    from ..core.context import sample
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    out, total = [], 0
+    while total < n_tokens:
+        seqs = sample(lm, n=16, length=seq_len - len(lm.prefix_ids), generator=g, top_k=50)
+        out.extend(list(lm.prefix_ids) + s for s in seqs)
+        total += sum(len(s) for s in seqs)
+    return out
+
+
+@torch.no_grad()
+def second_moment(
+    lm,
+    layer: int,
+    corpus: str | os.PathLike | None = None,
+    n_tokens: int = 100_000,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """``E[k k^T]`` (float64 ``[d_in, d_in]``) of the edited projection's input at ``layer``.
+
+    ``corpus``: folder/file of text, or ``"model"`` to sample text from the model itself.
+    """
+    if corpus is None:
+        raise ValueError("second_moment needs a corpus (a folder of .txt files) or 'model'")
+    if str(corpus) == "model":
+        cfp = f"model-seed{seed}"
+        files = None
+    else:
+        files = corpus_files(corpus)
+        cfp = corpus_fingerprint(files)
+    key = f"{lm.fingerprint}-L{layer}-{cfp}-n{n_tokens}-s{seq_len}"
+    path = cache_dir() / "stats" / f"mom2-{key}.safetensors"
+    if path.exists():
+        try:
+            t, meta = load_tensors(path)
+            C = t.get("C")
+            if meta.get("key") != key or C is None or C.dim() != 2 or C.shape[0] != C.shape[1]:
+                raise ValueError(f"{path}: not the statistics of {key}")
+            return C
+        except ValueError:
+            path.unlink(missing_ok=True)  # corrupt or foreign: recompute
+    require_unedited(lm.model, "second-moment statistics")
+    chunks = (
+        _chunks_from_model(lm, n_tokens, seq_len, seed)
+        if files is None
+        else _chunks_from_text(lm, files, n_tokens, seq_len)
+    )
+    mod = mlp_out_module(lm.model, layer)
+    d_in = mod.weight.shape[0] if lm.adapter.conv1d else mod.weight.shape[1]
+    acc = torch.zeros(d_in, d_in, dtype=torch.float64)
+    count = 0
+    bar = tqdm(total=sum(len(c) for c in chunks), desc=f"mom2 layer {layer}", unit="tok",
+               disable=not progress)
+    for s in range(0, len(chunks), batch_size):
+        b = pad(chunks[s : s + batch_size], lm.tok.pad_token_id, lm.device)
+        keep = b.attention_mask.bool()
+        got, _ = read(lm, b.input_ids, b.attention_mask, {"k": Tap(mod, "input")})
+        k = got["k"][keep].double().cpu()
+        acc += k.T @ k
+        count += k.shape[0]
+        bar.update(int(keep.sum()))
+    bar.close()
+    C = acc / max(count, 1)
+    save_tensors(path, {"C": C}, dict(kind="mom2", key=key, tokens=count))
+    return C
+
+
+def inverse(C: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """``(C + ridge * mean(diag C) I)^-1`` in float64."""
+    C = C.double()
+    if ridge:
+        C = C + ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
+    return torch.linalg.inv(C)

@@ -1,0 +1,188 @@
+"""Sweeps: edit requests x a grid (method, lambda, edited layer, alignment layers), every
+metric in one tidy table, resumable.
+
+>>> cfg = SweepConfig(n_edits=10, methods=["rome", "steam-rome"], lams=[5, 20, 50])  # doctest: +SKIP
+>>> df = run_sweep(cfg, "runs/lam")        # one row per edit x grid point       # doctest: +SKIP
+
+Results store: ``RUN/points/<key>.json``, one file per finished point, written atomically
+(temp file + rename), keyed by a hash of the point's full configuration (model fingerprint,
+request, method, hyperparameters, seed). Re-running skips finished points; a run killed at
+any moment loses at most the point in flight. ``RUN/config.yaml`` and ``RUN/versions.json``
+record what ran. Work shared across grid points is done once: context prompts, keys and the
+lower-layer caches (``rome.prepare``), anchors, the reference bank and pre-edit metrics.
+
+Config schema (YAML keys = :class:`SweepConfig` fields; unknown keys are refused).
+
+The parts live in their own modules, re-exported here: :mod:`steamviz.run.plan` (config, grid,
+keys), :mod:`steamviz.run.store` (the results store), :mod:`steamviz.run.runner` (the worker) and
+:mod:`steamviz.run.executors` (where points run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+
+from ..core.io import write_json, write_text
+from .plan import (  # noqa: F401 (re-exported: steamviz.run.sweep is the public face)
+    ConfigError,
+    SweepConfig,
+    axes,
+    grid,
+    point_key,
+    units,
+)
+from .runner import Runner  # noqa: F401
+from .store import Store, StoreBusy, jsonable, versions  # noqa: F401
+
+
+def _config_change(run_dir: Path, cfg: SweepConfig) -> list[str]:
+    """The config keys that differ from the config recorded in ``run_dir`` (none if there
+    is no record or no point yet)."""
+    import yaml
+
+    old_path = run_dir / "config.yaml"
+    if not old_path.exists() or not any((run_dir / "points").glob("*.json")):
+        return []
+    try:
+        old = yaml.safe_load(old_path.read_text()) or {}
+    except yaml.YAMLError:
+        return ["(unreadable config.yaml)"]
+    new = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # a key the record lacks is a key added to steamviz since: the recorded run used the
+    # behaviour of its default
+    default = yaml.safe_load(yaml.safe_dump(SweepConfig().to_dict(), sort_keys=False))
+    old = {**{k: default[k] for k in set(new) - set(old) if k in default}, **old}
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
+              log=print, executor: str = "local", force: bool = False,
+              **executor_options) -> pd.DataFrame:
+    """Run every (request, grid point) not yet in ``run_dir``'s store; return all rows.
+
+    ``executor``: ``"local"`` (this process) or ``"ray"`` (a Ray cluster; ``executor_options``
+    such as ``address``, ``workers`` go to :class:`steamviz.run.executors.RayExecutor`).
+    A run folder holds the points of one config: a changed config is refused (before any
+    work) unless ``force``, which adds its points to the folder and keeps every config in
+    ``RUN/config-history/``."""
+    from .executors import make_executor
+
+    from ..core.models import model_depth
+
+    depth = getattr(lm, "n_layers", None) if lm is not None else model_depth(cfg.model)
+    cfg.validate(depth)  # block indices too, before any load
+    _check_data(cfg)
+    run_dir = Path(run_dir)
+    changed = _config_change(run_dir, cfg)
+    if changed and not force:
+        raise ConfigError(
+            f"{run_dir} holds points of another config (changed: {', '.join(changed)}); write "
+            "to another folder, or pass force=True (--force) to add this config's points to it")
+    ex = make_executor(executor, cfg, lm=lm, log=log, **executor_options)  # fails before any work
+    try:
+        store = Store(run_dir, writer=True)
+    except StoreBusy:
+        ex.close()
+        raise
+    import yaml
+
+    try:
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        write_text(run_dir / "config.yaml", text)
+        hist = run_dir / "config-history"
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        if not (hist / f"{digest}.yaml").exists():
+            write_text(hist / f"{digest}.yaml", text)
+        write_json(run_dir / "versions.json", versions())
+        moved = store.quarantine()
+        if moved:
+            log(f"[steamviz] {len(moved)} point file(s) could not be read; moved to "
+                f"{moved[0].parent} and computed again")
+        work = ex.plan()  # [(keys, requests edited together, point)]
+        left = [w for w in work if not all(store.has(k) for k in w[0])]
+        n_all, n_left = sum(len(w[0]) for w in work), sum(len(w[0]) for w in left)
+        if n_left < n_all:
+            log(f"[steamviz] resuming: {n_all - n_left} of {n_all} points done")
+        bar = _progress_bar(n_all, n_left, progress)
+
+        def done(keys, batch, point, rows):  # only this process writes the store
+            for key, req, row in zip(keys, batch, rows):
+                row["case_id"] = req.case_id
+                store.put(key, row)
+                _log_row(log, req, point, row)
+            bar.update(len(rows))
+
+        ex.run(left, done)
+        bar.close()
+    finally:
+        ex.close()
+        store.close()
+    keys = {k for w in work for k in w[0]}
+    df = store.frame()
+    return df[df.key.isin(keys)].reset_index(drop=True) if len(df) else df
+
+
+def _progress_bar(n_all: int, n_left: int, progress: bool = True):
+    """The sweep's progress bar over all ``n_all`` points, starting at the ones already in
+    the store: a resumed sweep shows "resumed: 6 of 6 points done ... 6/6" (not "0/0"), a
+    partly resumed one starts at "2/6"."""
+    from tqdm.auto import tqdm
+
+    done = n_all - n_left
+    if not done:
+        desc = "sweep"
+    elif not n_left:
+        desc = f"resumed: {done} of {n_all} points done"
+    else:
+        desc = f"sweep (resumed: {done} of {n_all} points done before)"
+    return tqdm(total=n_all, initial=done, desc=desc, disable=not progress, unit="edit")
+
+
+def _check_data(cfg: SweepConfig) -> None:
+    """Read the config's requests once before any write or model load: a missing or
+    malformed data file is a :class:`ConfigError` naming the key."""
+    from ..data.datasets import load_named
+    from ..data.fetch import DataError
+    from ..data.requests import RequestError
+
+    try:
+        reqs = load_named(cfg.data, cfg.offset + cfg.n_edits)
+    except (DataError, RequestError, FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"config key 'data': {e}") from None
+    if len(reqs) <= cfg.offset:
+        raise ConfigError(f"config key 'offset': {cfg.offset} skips every one of the "
+                          f"{len(reqs)} requests in {cfg.data!r}")
+
+
+def _log_row(log, req, point, row) -> None:
+    lam = "" if point["lam"] is None else f" lam={point['lam']:g}"
+    b = f" batch={point['batch']}" if point.get("batch") else ""
+    log(f"[point] {req.case_id} {point['method']}{lam}{b} L={point['layer']}: "
+        f"eff={_fmt(row.get('efficacy'))} para={_fmt(row.get('paraphrase'))} "
+        f"nbhd={_fmt(row.get('neighborhood'))} cos_c={_fmt(row.get('cos_centered'))} "
+        f"knn={_fmt(row.get('knn_share'))} ({row['seconds']:.1f} s)")
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean metrics per grid point (method, lambda, layer, alignment set, centring, batch).
+    Integration columns are held out (paraphrases); ``*_trained`` is the rewrite prompt and
+    ``*_control`` the same measurement against other objects' anchors. For paired
+    differences with confidence intervals use :func:`steamviz.measure.compare.paired`."""
+    cols = [c for c in ["efficacy", "paraphrase", "neighborhood", "portability", "fluency",
+                        "consistency", "cos_raw", "cos_centered", "cos_centered_control",
+                        "cos_centered_trained", "knn_share", "axis", "steps", "final_nll",
+                        "edit_seconds"] if c in df.columns]
+    by = ["method", "lam", "layer", "align_layers", "centered"]
+    d = df.copy()
+    if "batch" in d.columns:
+        by.append("batch")  # anchor seeds are averaged over, as edits are
+    for b in by:
+        d[b] = d[b].astype(str)
+    return d.groupby(by, sort=False, dropna=False)[cols].mean().round(3).reset_index()
