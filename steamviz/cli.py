@@ -120,7 +120,7 @@ def _eval(args) -> int:
     lm = load_model(args.model, device=args.device)
     df = evaluation.run(lm, reqs, method=args.method, generation=not args.no_generation,
                         **params)
-    table = evaluation.summary(df)
+    table = evaluation.summarize(df)
     print(evaluation.markdown(table))
     if args.out:
         out = Path(args.out)

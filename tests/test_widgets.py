@@ -238,3 +238,33 @@ def test_resumed_sweep_progress_bar_counts_the_points_done(capsys):
     bar.close()
     err = capsys.readouterr().err
     assert "resumed" not in err and "0/6" in err
+
+
+def test_the_explorer_and_sweep_figures_read_the_method_pair_from_the_registry(monkeypatch):
+    """A method registered with an alignment strength and a base is explored against that
+    base, and gets the sweep's paired and heatmap figures; no view names STEAM-ROME."""
+    from steamviz.edit import editors
+    from steamviz.show.figures import sweep_figures
+
+    editors.methods()  # the built-in rows first, then two more for this test only
+    for name in ("plain-toy", "aligned-toy"):
+        monkeypatch.delitem(editors.REGISTRY, name, raising=False)
+        monkeypatch.delitem(editors.DISPLAY, name, raising=False)
+    monkeypatch.setitem(editors.REGISTRY, "plain-toy", editors.Editor("plain-toy", axes=("layer",)))
+    monkeypatch.setitem(editors.REGISTRY, "aligned-toy", editors.Editor(
+        "aligned-toy", axes=("layer", "lam"), base="plain-toy"))
+    rows = _rows()
+    rows = rows[rows.method != "steam-rome"].copy()
+    rows["method"] = rows.method.replace({"rome": "plain-toy"})
+    steered = _rows()
+    steered = steered[steered.method == "steam-rome"].assign(method="aligned-toy")
+    df = pd.concat([rows, steered], ignore_index=True)
+    p = SweepExplorer(df)
+    assert (p.method, p.base) == ("aligned-toy", "plain-toy")
+    assert [name for name, *_ in p._lines()] == ["unedited", "plain-toy", "aligned-toy"]
+    assert np.allclose(np.array(p.cos_fig.data[2].y), 0.55)
+    made = sweep_figures(df.assign(centered=False, seconds=1.0,
+                                   cos_centered_control_layers=df.cos_centered_layers),
+                         log=lambda s: None)
+    assert {"paired_layer_difference", "lambda_layer_heatmap"} <= set(made)
+    assert "plain-toy" in made["lambda_layer_heatmap"].data[0].colorbar.title.text

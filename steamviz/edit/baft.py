@@ -206,7 +206,7 @@ class Rows:
 
 
 @dataclass
-class Prepared:
+class TrainingBatches:
     """Training batches (rewrite rows, locality rows) and what does not change."""
 
     request: EditRequest
@@ -265,7 +265,7 @@ def _run(lm, ivs: dict, first: int, rows: Rows) -> torch.Tensor:
                           rows.attention_mask)
 
 
-def prepare(lm, request: EditRequest, hp: BaFTHparams) -> Prepared:
+def prepare(lm, request: EditRequest, hp: BaFTHparams) -> TrainingBatches:
     """Build the training batches, cache the stream below the edit and the KL reference."""
     bad = [x for x in hp.layers if not 0 <= x < lm.n_layers]
     if bad:
@@ -303,7 +303,7 @@ def prepare(lm, request: EditRequest, hp: BaFTHparams) -> Prepared:
         loc_seqs.append(ids)
     first = hp.layers[0]
     t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=lm.device)  # noqa: E731
-    prep = Prepared(
+    prep = TrainingBatches(
         request=request, hp=hp, contexts=contexts, loc_prompts=loc,
         rw=_rows(lm, rw_seqs, first), loc=_rows(lm, loc_seqs, first),
         tgt_rows=t(tgt_rows), tgt_pos=t(tgt_pos), tgt_ids=t(tgt_ids),
@@ -326,7 +326,7 @@ def _hook(iv: BasisIntervention):
     return fn
 
 
-def train(lm, prep: Prepared, hp: BaFTHparams | None = None) -> tuple[dict, list[dict], int, float]:
+def train(lm, prep: TrainingBatches, hp: BaFTHparams | None = None) -> tuple[dict, list[dict], int, float]:
     """Adam on the interventions only. Returns ``(interventions, losses, steps, seconds)``;
     ``interventions`` maps block index -> trained :class:`BasisIntervention` (frozen).
 
@@ -402,7 +402,7 @@ def train(lm, prep: Prepared, hp: BaFTHparams | None = None) -> tuple[dict, list
 
 
 @torch.no_grad()
-def locality_kl(lm, prep: Prepared, ivs: dict) -> list[float]:
+def locality_kl(lm, prep: TrainingBatches, ivs: dict) -> list[float]:
     """Per locality prompt, mean over its tokens of KL(unedited || edited) next-token."""
     first, rest = prep.hp.layers[0], [L for L in ivs if L != prep.hp.layers[0]]
     with hooks([layer_module(lm.model, L).register_forward_hook(_hook(ivs[L])) for L in rest]):

@@ -135,6 +135,12 @@ class Editor:
     params: type | None = None
     extra: tuple[str, ...] = ()
     axes: tuple[str, ...] = ()
+    #: the method this one adds STEAM's alignment to (steam-rome: rome): figures, panels and
+    #: paired tables compare it against that one
+    base: str | None = None
+    #: its edit is ROME's rank-one update of a target vector v* (:func:`steamviz.edit.rome.collect`
+    #: sees it): a sweep optimises every v* of one request's grid together
+    vstar: bool = False
 
     @property
     def batch(self) -> bool:
@@ -168,19 +174,34 @@ def spec(method: str) -> Editor:
     return REGISTRY[key]
 
 
+def aligned(names) -> list[str]:
+    """The methods among ``names`` (e.g. a run's) that have an alignment-strength axis
+    (``lam``: STEAM's), in reading order; names nobody registered are left out.
+
+    >>> aligned(["unedited", "rome", "steam-rome", "mine"])
+    ['steam-rome']
+    """
+    known = set(methods())
+    found = {str(m).lower() for m in names} & known
+    return [m for m, *_ in ordered_points([(m, None, None) for m in found
+                                           if "lam" in spec(m).axes])]
+
+
 #: hyperparameter fields that name blocks (checked against the model's depth)
 LAYER_FIELDS = ("layer", "layers", "subject_layer", "query_layer")
 
 
 def register(name: str, batch: bool = False, params: type | None = None, extra: tuple = (),
-             label: str | None = None, color: str | None = None, axes: tuple | None = None):
+             label: str | None = None, color: str | None = None, axes: tuple | None = None,
+             base: str | None = None, vstar: bool | None = None):
     """Decorator: register ``fn(lm, request, **params) -> Edit`` under ``name``; with
     ``batch=True``, ``fn(lm, requests, **params) -> Edit`` for :func:`edit_batch`.
     Registering the other kind under the same name adds it to the same :class:`Editor` row.
     ``params``: the method's hyperparameter dataclass (its fields are the keyword
     parameters :func:`check_params` accepts), ``extra``: other keyword arguments.
     ``label``/``color``: the method's :data:`DISPLAY` row (kept when not given).
-    ``axes``: the method's sweep grid axes, a subset of :data:`AXES` (kept when not given)."""
+    ``axes``: the method's sweep grid axes, a subset of :data:`AXES` (kept when not given).
+    ``base``, ``vstar``: see :class:`Editor` (kept when not given)."""
     key = name.lower()
     row = REGISTRY.get(key, Editor(key))
     if axes is not None:
@@ -197,6 +218,10 @@ def register(name: str, batch: bool = False, params: type | None = None, extra: 
             new = dataclasses.replace(new, params=params, extra=tuple(extra))
         if axes is not None:
             new = dataclasses.replace(new, axes=tuple(a for a in AXES if a in axes))
+        if base is not None:
+            new = dataclasses.replace(new, base=base.lower())
+        if vstar is not None:
+            new = dataclasses.replace(new, vstar=bool(vstar))
         REGISTRY[key] = new
         if label is not None or color is not None:
             old = display(key)
@@ -312,7 +337,7 @@ def load_builtin() -> None:
 def _register_builtin() -> None:
     from . import rome
 
-    @register("rome", params=rome.ROMEHparams, axes=("layer",))
+    @register("rome", params=rome.ROMEHparams, axes=("layer",), vstar=True)
     def _rome(lm, request, layer: int | None = None, hparams=None, **hp):
         hparams = hparams or rome.ROMEHparams.for_model(lm)
         if layer is not None:

@@ -68,3 +68,39 @@ class Hparams:
     def model_name(lm_or_name: Any) -> Any:
         """The name an LM is known by (a name stays itself): the key of a per-model table."""
         return getattr(lm_or_name, "name", lm_or_name)
+
+
+@dataclasses.dataclass
+class VStarHparams(Hparams):
+    """The target-vector (v*) optimisation ROME and MEMIT share (names as in their YAML
+    files): ``v_num_grad_steps`` Adam steps at ``v_lr`` on the NLL of the new object over the
+    context prompts (``context_template_length_params``: ``(length, n)`` pairs), plus
+    ``kl_factor`` x the KL term, a ``v_weight_decay`` term and a norm clamp at
+    ``clamp_norm_factor`` x the original value's norm; stops early below ``early_stop_loss``.
+    ``seed`` seeds the context prompts. :class:`~steamviz.edit.rome.ROMEHparams` and
+    :class:`~steamviz.edit.memit.MEMITHparams` add where the edit goes and its statistics.
+
+    >>> VStarHparams(v_num_grad_steps=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: v_num_grad_steps must be >= 1 and v_lr > 0
+    """
+
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 5e-2
+    context_template_length_params: tuple = ((5, 10), (10, 10))  # ROME's
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.context_template_length_params = tuple(
+            tuple(int(v) for v in x) for x in self.context_template_length_params)
+        if self.v_num_grad_steps < 1 or self.v_lr <= 0:
+            raise ValueError("v_num_grad_steps must be >= 1 and v_lr > 0")
+
+    def vstar(self) -> dict:
+        """The v* fields and their values: one editor's objective handed to another."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(VStarHparams)}

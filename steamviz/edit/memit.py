@@ -44,30 +44,25 @@ from ..look.capture import capture
 from ..core.context import context_templates
 from .edits import WeightEdit
 from ..core.guard import active_edits
-from .hparams import Hparams
+from .hparams import VStarHparams
 from ..data.requests import EditRequest
 from ..core.tokens import fill
 
 
 @dataclass
-class MEMITHparams(Hparams):
-    layers: tuple = (3, 4, 5, 6, 7)
-    v_num_grad_steps: int = 25
-    v_lr: float = 0.5
-    v_weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
+class MEMITHparams(VStarHparams):
+    """MEMIT hyperparameters: the shared v* optimisation (its z at the last edited block;
+    :class:`~steamviz.edit.hparams.VStarHparams`), the edited blocks and the statistics."""
+
     context_template_length_params: tuple = ((10, 5),)  # MEMIT's (ROME: ((5, 10), (10, 10)))
+    layers: tuple = (3, 4, 5, 6, 7)
     mom2_update_weight: float | None = None  # None: 15000 with statistics, d_in without
     mom2_corpus: str | None = None
     mom2_n_tokens: int = 100_000
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.layers = tuple(int(x) for x in self.layers)
-        self.context_template_length_params = tuple(
-            tuple(int(v) for v in x) for x in self.context_template_length_params)
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be increasing and distinct, got {self.layers}")
 
@@ -104,11 +99,9 @@ class MEMITHparams(Hparams):
         return cls(layers=tuple(range(max(0, L - 2), min(lm.n_layers, L + 3))))
 
     def rome_hparams(self) -> rome.ROMEHparams:
-        return rome.ROMEHparams(
-            layer=self.layers[-1], v_num_grad_steps=self.v_num_grad_steps, v_lr=self.v_lr,
-            v_weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
-            kl_factor=self.kl_factor, early_stop_loss=self.early_stop_loss,
-            context_template_length_params=self.context_template_length_params, seed=self.seed)
+        """ROME's hyperparameters of MEMIT's z: the same v* optimisation, at the last edited
+        block."""
+        return rome.ROMEHparams(layer=self.layers[-1], **self.vstar())
 
 
 def context_groups(length_params) -> list[int]:
@@ -282,7 +275,7 @@ def _register() -> None:
     register("memit", batch=True, params=MEMITHparams, extra=plain,
              axes=("layer", "batch"))(_memit)
     register("steam-memit", batch=True, params=MEMITHparams, extra=steam,
-             axes=("layer", "lam", "batch"))(_steam_memit)
+             axes=("layer", "lam", "batch"), base="memit")(_steam_memit)
     register("memit", params=MEMITHparams, extra=plain)(
         lambda lm, request, **kw: _memit(lm, [request], **kw))
     register("steam-memit", params=MEMITHparams, extra=steam)(

@@ -8,21 +8,16 @@ from dataclasses import dataclass
 from typing import Any
 
 
-from .hparams import Hparams
+from .hparams import VStarHparams
 
 
 @dataclass
-class ROMEHparams(Hparams):
-    """ROME hyperparameters (names follow the ROME/EasyEdit YAML files)."""
+class ROMEHparams(VStarHparams):
+    """ROME hyperparameters (names follow the ROME/EasyEdit YAML files): the shared v*
+    optimisation (:class:`~steamviz.edit.hparams.VStarHparams`), the edited block and the
+    key statistics."""
 
     layer: int = 5
-    v_num_grad_steps: int = 25
-    v_lr: float = 0.5
-    v_weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
-    context_template_length_params: tuple = ((5, 10), (10, 10))
     kl_prompts: tuple = ("{} is a",)
     # where the KL ("essence") distribution is read in the KL prompts: "subject_last" (ROME's
     # and EasyEdit's choice: the subject's last token) or "last" (the prompt's last token)
@@ -31,18 +26,14 @@ class ROMEHparams(Hparams):
     mom2_corpus: str | None = None  # folder of .txt files, or "model"
     mom2_n_tokens: int = 100_000
     mom2_ridge: float = 0.0
-    seed: int = 0
     # dtype of the matrix products above the edited layer during the v* optimisation
     # (None: the model's). "bfloat16" is faster on CPUs with AMX-BF16, at a small cost in
     # precision (measured: docs/results.md#rome).
     v_matmul_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        self.context_template_length_params = tuple(
-            tuple(int(v) for v in x) for x in self.context_template_length_params)
+        super().__post_init__()
         self.kl_prompts = tuple(self.kl_prompts)
-        if self.v_num_grad_steps < 1 or self.v_lr <= 0:
-            raise ValueError("v_num_grad_steps must be >= 1 and v_lr > 0")
         if self.kl_position not in ("subject_last", "last"):
             raise ValueError(f"kl_position must be 'subject_last' (ROME) or 'last', got "
                              f"{self.kl_position!r}")

@@ -119,7 +119,8 @@ def apply(
 
 
 @register("steam-rome", params=rome.ROMEHparams,
-          extra=("lam", "layers", "centered", "anchor", "bank"), axes=("layer", "lam"))
+          extra=("lam", "layers", "centered", "anchor", "bank"), axes=("layer", "lam"),
+          base="rome", vstar=True)
 def _steam(lm, request, lam: float = DEFAULT_LAM, layer: int | None = None, layers=None,
            centered: bool = False, hparams=None, anchor=None, bank=None, **hp):
     hparams = hparams or rome.ROMEHparams.for_model(lm)

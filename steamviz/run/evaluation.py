@@ -1,7 +1,7 @@
 """Evaluate an editor on many requests: metrics before and after each edit, one tidy table.
 
 >>> df = run(lm, requests[:100], method="rome")                    # doctest: +SKIP
->>> summary(df)                                                    # doctest: +SKIP
+>>> summarize(df)                                                   # doctest: +SKIP
 
 Command line: ``steamviz eval --data counterfact --n 100 --method rome --out runs/cf100``.
 Each edit is restored before the next one (the model is the unedited model for every case).
@@ -49,7 +49,7 @@ def run(
     return pd.DataFrame(rows)
 
 
-def summary(df: pd.DataFrame, cols: Sequence[str] = HEADLINE) -> pd.DataFrame:
+def summarize(df: pd.DataFrame, cols: Sequence[str] = HEADLINE) -> pd.DataFrame:
     """Mean of each metric by method and stage."""
     cols = [c for c in cols if c in df.columns]
     return df.groupby(["method", "stage"], sort=False, dropna=False)[cols].mean().round(3)

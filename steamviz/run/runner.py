@@ -170,22 +170,25 @@ class Runner:
         return "no anchor for " + "; ".join(why) if why else None
 
     def prefetch(self, req, point) -> None:
-        """Optimise together the target vectors of every ROME / STEAM-ROME point of the grid
-        for ``req`` at ``point``'s edit layer (lambdas, alignment sets, centring, anchor
-        seeds and plain ROME: :func:`steamviz.edit.rome.compute_vs`), once per request and layer;
-        the edits then read them from ROME's cache. The group is always the whole grid's, so
+        """Optimise together the target vectors of every point of the grid whose method edits
+        through ROME's v* (registry ``vstar``: ROME, STEAM-ROME) for ``req`` at ``point``'s
+        edit layer (lambdas, alignment sets, centring, anchor seeds and plain ROME:
+        :func:`steamviz.edit.rome.compute_vs`), once per request and layer; the edits then
+        read them from ROME's cache. The group is always the whole grid's, so
         a resumed run, a Ray worker and a fresh run compute the same vectors."""
         from ..edit import rome
-        from ..edit.editors import edit
+        from ..edit.editors import edit, spec
 
-        if point["method"] not in ("rome", "steam-rome") or point.get("batch") is not None:
+        def vstar(p):
+            return p["method"] != "unedited" and spec(p["method"]).vstar and p.get("batch") is None
+
+        if not vstar(point):
             return
         mark = (req.case_id, req.subject, req.target_new, point["layer"])
         if mark in self._prefetched:
             return
         self._prefetched.add(mark)
-        pts = [p for p in grid(self.cfg, self.hp.layer) if p["method"] in ("rome", "steam-rome")
-               and p.get("batch") is None and p["layer"] == point["layer"]
+        pts = [p for p in grid(self.cfg, self.hp.layer) if vstar(p) and p["layer"] == point["layer"]
                and not self.skipped([req], p)]
         if len(pts) < 2:
             return

@@ -130,7 +130,7 @@ def layer_cosine(df: pd.DataFrame, col: str = "cos_centered_layers",
 
 
 def paired_layer_difference(df: pd.DataFrame, col: str = "cos_centered_layers",
-                            baseline: str = "rome", align_layers: Sequence[int] | None = None,
+                            baseline: str | None = None, align_layers: Sequence[int] | None = None,
                             n_boot: int = 2000, unedited: bool = False) -> go.Figure:
     """Per layer, the paired difference (point - ``baseline``) of a per-layer metric over the
     same edits, with its bootstrap 95% band, and -- dashed -- the same difference measured
@@ -140,6 +140,7 @@ def paired_layer_difference(df: pd.DataFrame, col: str = "cos_centered_layers",
     the edit itself, on another scale than a difference between editors)."""
     from ..measure.compare import paired_layers
 
+    baseline = baseline or _base(df)
     if not unedited:
         df = df[df.method != "unedited"]
     ctl_col = col.replace("_layers", "_control_layers")
@@ -189,10 +190,35 @@ def paired_layer_difference(df: pd.DataFrame, col: str = "cos_centered_layers",
     return style(fig)
 
 
+def _aligned(df: pd.DataFrame) -> str:
+    """The run's first method with an alignment strength (STEAM-ROME), by the registry."""
+    from ..edit.editors import aligned
+
+    found = aligned(df.method.unique())
+    if not found:
+        raise ValueError("no method with an alignment strength (lambda) in these rows")
+    return found[0]
+
+
+def _base(df: pd.DataFrame) -> str:
+    """The method the run's aligned method extends (ROME for STEAM-ROME), by the registry."""
+    from ..edit.editors import spec
+
+    base = spec(_aligned(df)).base
+    if not base:
+        raise ValueError(f"{_aligned(df)!r} extends no other method; pass baseline=...")
+    return base
+
+
 def lambda_layer_heatmap(df: pd.DataFrame, col: str = "cos_centered_layers",
-                         baseline: str = "rome", method: str = "steam-rome") -> go.Figure:
-    """Layer x lambda heatmap of the mean per-layer cosine of ``method`` (STEAM-ROME), minus
-    ``baseline``'s (ROME) so colour shows what the alignment term adds."""
+                         baseline: str | None = None, method: str | None = None) -> go.Figure:
+    """Layer x lambda heatmap of the mean per-layer cosine of ``method`` (default: the run's
+    method with a lambda, e.g. STEAM-ROME), minus ``baseline``'s (default: the method it
+    extends, ROME) so colour shows what the alignment term adds."""
+    from ..edit.editors import spec
+
+    method = method or _aligned(df)
+    baseline = baseline or spec(method).base
     st = df[df.method == method]
     lams = sorted(st.lam.dropna().astype(float).unique())
     rows = [_layers_matrix(st[st.lam.astype(float) == lam], col).mean(0) for lam in lams]
@@ -347,13 +373,18 @@ def sweep_figures(df: pd.DataFrame, log=print) -> dict[str, go.Figure]:
     align = run_align_layers(df)
     made = {"layer_cosine": layer_cosine(df, align_layers=align),
             "tradeoff": tradeoff(summarize(df))}
-    if (df.method == "rome").any() and "cos_centered_layers" in df.columns:
+    from ..edit.editors import aligned, spec
+
+    steered = aligned(df.method.unique())
+    base = spec(steered[0]).base if steered else None
+    if base and (df.method == base).any() and "cos_centered_layers" in df.columns:
         try:
-            made["paired_layer_difference"] = paired_layer_difference(df, align_layers=align)
+            made["paired_layer_difference"] = paired_layer_difference(
+                df, baseline=base, align_layers=align)
         except ValueError as e:  # e.g. ROME at several edited layers: no single baseline
             log(f"no paired-difference figure: {e}")
-    if (df.method == "steam-rome").any() and df.lam.dropna().nunique() >= 1:
-        made["lambda_layer_heatmap"] = lambda_layer_heatmap(df)
+    if steered and df[df.method == steered[0]].lam.dropna().nunique() >= 1:
+        made["lambda_layer_heatmap"] = lambda_layer_heatmap(df, method=steered[0])
     return made
 
 

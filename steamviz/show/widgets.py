@@ -93,8 +93,10 @@ class SweepExplorer:
     METRICS = ("efficacy", "paraphrase", "neighborhood", "portability", "knn_share")
 
     def __init__(self, df: pd.DataFrame, runner=None, requests=None, axis: str = "lam",
-                 col: str = "cos_centered_layers"):
+                 col: str = "cos_centered_layers", method: str | None = None):
         import ipywidgets as W
+
+        from ..edit.editors import aligned, spec
 
         if axis not in ("lam", "layer"):
             raise ValueError(f"axis must be 'lam' or 'layer' (got {axis!r})")
@@ -103,7 +105,15 @@ class SweepExplorer:
         self.requests = requests
         self.axis = axis
         self.col = col
-        steam = self.df[self.df.method == "steam-rome"]
+        # the explored method: one with an alignment strength (STEAM-ROME), and the method it
+        # extends (ROME), both read from the registry
+        found = aligned(self.df.method.unique())
+        if method is None and not found:
+            raise ValueError("these rows have no method with an alignment strength (lambda) "
+                             "to explore; pass method=...")
+        self.method = method or found[0]
+        self.base = spec(self.method).base
+        steam = self.df[self.df.method == self.method]
         values = _options(axis, steam[axis]) if axis in steam else []
         values = values or ([0.0] if axis == "lam" else [0])
         self.slider = W.SelectionSlider(options=values, value=values[0],
@@ -161,24 +171,24 @@ class SweepExplorer:
         return d[keep]
 
     def _selected(self) -> pd.DataFrame:
-        """The STEAM-ROME rows at the current value of every control."""
-        return self._match(self.df[self.df.method == "steam-rome"], self.controls)
+        """The explored method's rows (STEAM-ROME) at the current value of every control."""
+        return self._match(self.df[self.df.method == self.method], self.controls)
 
     def _baseline(self, method: str) -> pd.DataFrame:
-        """ROME rows at the selected edited layer; the unedited model's rows."""
+        """The base method's rows (ROME) at the selected edited layer; the unedited model's."""
         d = self.df[self.df.method == method]
-        return self._match(d, ["layer"]) if method == "rome" else d
+        return d if method == "unedited" else self._match(d, ["layer"])
 
     def _lines(self) -> list[tuple[str, str, pd.DataFrame]]:
         """(trace name, method, rows) of each line of the cosine figure, in trace order."""
+        base = [(self.base, self._baseline(self.base))] if self.base else []
         return [(figures.label(m), m, d) for m, d in (
-            ("unedited", self._baseline("unedited")), ("rome", self._baseline("rome")),
-            ("steam-rome", self._selected()))]
+            [("unedited", self._baseline("unedited"))] + base + [(self.method, self._selected())])]
 
     def _bars(self) -> list[tuple[str, str, pd.DataFrame]]:
         """(trace name, method, rows) of each bar group of the metrics figure."""
-        return [(figures.label(m), m, d) for m, d in (
-            ("rome", self._baseline("rome")), ("steam-rome", self._selected()))]
+        base = [(self.base, self._baseline(self.base))] if self.base else []
+        return [(figures.label(m), m, d) for m, d in base + [(self.method, self._selected())]]
 
     def _metric_names(self) -> list[str]:
         return [n for n in self.METRICS if n in self.df.columns]
@@ -239,16 +249,16 @@ class SweepExplorer:
         self._show_counts()
 
     def _point(self, value: float) -> dict:
-        """The grid point of a new STEAM-ROME run: the axis at ``value``, every other grid
-        column at its control's current value."""
-        steam = self.df[self.df.method == "steam-rome"]
+        """The grid point of a new run of the explored method: the axis at ``value``, every
+        other grid column at its control's current value."""
+        steam = self.df[self.df.method == self.method]
 
         def cur(c, default):
             return self.controls[c].value if c in self.controls else default
 
         lams = steam.lam.dropna() if "lam" in steam else pd.Series(dtype=float)
         align = cur("align_layers", "default")
-        point = dict(method="steam-rome", layer=int(cur("layer", self.runner.hp.layer)),
+        point = dict(method=self.method, layer=int(cur("layer", self.runner.hp.layer)),
                      lam=float(cur("lam", lams.iloc[0] if len(lams) else 20.0)),
                      align_layers=align if align == "default" else json.loads(align),
                      centered=bool(cur("centered", False)))
@@ -285,11 +295,13 @@ class EditPanel:
     def __init__(self, lm, method: str = "rome", **edit_params):
         import ipywidgets as W
 
+        from ..edit.editors import methods
+
         self.lm, self.method, self.params = lm, method, edit_params
         self.prompt = W.Text(value="{} is located in the country of", description="prompt")
         self.subject = W.Text(value="Toronto", description="subject")
         self.target = W.Text(value="Japan", description="new object")
-        self.methods = W.Dropdown(options=["rome", "steam-rome"], value=method,
+        self.methods = W.Dropdown(options=methods(batch=False), value=method,
                                   description="method")
         self.button = W.Button(description="edit", icon="pencil")
         self.out = W.Output()
@@ -305,7 +317,7 @@ class EditPanel:
 
     def run(self) -> dict:
         from ..look.anchors import AnchorError, build_anchor
-        from ..edit.editors import edit
+        from ..edit.editors import edit, spec
         from ..core.forward import greedy
         from ..measure.integration import last_streams
         from ..data.requests import EditRequest
@@ -321,8 +333,12 @@ class EditPanel:
         before = greedy(self.lm, prompts, 12)[0]
         h_pre = last_streams(self.lm, prompts)[0]
         params = dict(self.params)
-        if anchor is not None and self.methods.value == "steam-rome":
-            params.setdefault("anchor", anchor)
+        row = spec(self.methods.value)
+        if anchor is not None and "lam" in row.axes:  # STEAM's anchor, as the editor takes it
+            if "anchor" in row.extra:
+                params.setdefault("anchor", anchor)
+            elif "anchors" in row.extra:
+                params.setdefault("anchors", {req.target_new: anchor})
         with edit(self.lm, req, self.methods.value, **params):
             after = greedy(self.lm, prompts, 12)[0]
             h_post = last_streams(self.lm, prompts)[0]
