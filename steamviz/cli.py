@@ -221,13 +221,12 @@ def _pool(args) -> int:
 
     _check_recall(args.recall)
     reqs = load_named(args.data, args.n)  # data errors come before the model loads
-    pool.load_pool(extra=args.facts)  # a bad facts file before the model loads
+    facts = pool.load_pool(extra=args.facts)  # a bad facts file before the model loads
     lm = load_model(args.model, device=args.device)
     t0 = time.time()
-    templates = None
-    if args.patterns == "best":
+    if args.patterns == "best":  # ParaRel facts again, each relation in its chosen pattern
         templates = pool.best_templates(lm, {r.subject for r in reqs}, args.recall, log=print)
-    facts = pool.load_pool(extra=args.facts, pararel_templates=templates)
+        facts = pool.load_pool(extra=args.facts, pararel_templates=templates)
     print(f"[pool] {len(facts):,} candidate facts, {len({f.object for f in facts}):,} objects, "
           f"{len({f.relation for f in facts})} relations")
     rep = pool.coverage(lm, reqs, facts, min_facts=args.min_facts, widen_to=args.widen,

@@ -445,3 +445,20 @@ def test_export_draws_again_when_kaleido_loses_its_page_race(tmp_path, monkeypat
     with pytest.raises(ExportError, match="something else"):
         export(figures.layer_cosine(_sweep_rows()), tmp_path / "b", formats=("png",))
     assert calls == ["png"]  # no retry for other failures
+
+
+def test_replay_draws_the_aligned_method_and_its_base_by_the_registry():
+    from types import SimpleNamespace
+
+    from steamviz.run.plan import SweepConfig
+    from steamviz.show.replay import _points
+
+    def runner(**kw):
+        return SimpleNamespace(cfg=SweepConfig.from_dict(kw), hp=SimpleNamespace(layer=5))
+
+    pts = _points(runner(methods=["rome", "steam-rome"], lams=[5.0, 20.0]))
+    assert list(pts) == ["rome", "steam-rome"] and pts["steam-rome"]["lam"] == 20.0
+    assert {p["layer"] for p in pts.values()} == {5}
+    pts = _points(runner(methods=["rome", "steam-rome"], lams=[20.0], edit_layers=[3, 7]))
+    assert {p["layer"] for p in pts.values()} == {3}
+    assert list(_points(runner(methods=["rome", "kne"]))) == ["rome", "kne"]  # no aligned one

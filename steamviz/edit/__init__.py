@@ -1,7 +1,7 @@
 """Editors behind one registry; every edit is undoable.
 
 - ``edits``            Edit and WeightEdit (restore bit for bit), saved deltas
-- ``hparams``          the one base of every hyperparameter dataclass
+- ``hparams``          the one base of every hyperparameter dataclass; the v* fields ROME and MEMIT share
 - ``editors``          the registry (one Editor row per method), edit(), labels and colours
 - ``rome``             ROME: rank-one model editing
 - ``rome_hparams``     ROME's hyperparameters and per-model defaults

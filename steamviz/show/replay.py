@@ -24,24 +24,33 @@ import numpy as np
 
 
 def _points(runner) -> dict[str, dict]:
-    """The grid points drawn: ROME, and STEAM-ROME at the run's largest lambda (default
-    alignment layers and no centring when the run has them), at the default edit layer."""
+    """The grid points drawn: the run's first method with an alignment strength (STEAM-ROME)
+    at its largest lambda (default alignment layers and no centring when the run has them),
+    and the method it extends (ROME), both by the registry -- or, in a run without such a
+    method, every editor's first point -- at the run's first edit layer."""
+    from ..edit.editors import aligned, spec
     from ..run.plan import grid
 
     pts = [p for p in grid(runner.cfg, runner.hp.layer)
-           if p.get("batch") is None and p.get("anchor_seed") in (None, runner.cfg.seed)
-           and p["layer"] in (None, runner.hp.layer if not runner.cfg.edit_layers
-                              else runner.cfg.edit_layers[0])]
+           if p.get("batch") is None and p.get("anchor_seed") in (None, runner.cfg.seed)]
+    first = next((p["layer"] for p in pts if p["layer"] is not None), None)
+    pts = [p for p in pts if p["layer"] in (None, first)]
+    steered = aligned(p["method"] for p in pts)
+    if not steered:  # no aligned method: every editor's first point
+        firsts: dict[str, dict] = {}
+        for p in pts:
+            if p["method"] != "unedited":
+                firsts.setdefault(p["method"], p)
+        return firsts
     out = {}
-    rome = [p for p in pts if p["method"] == "rome"]
-    if rome:
-        out["rome"] = rome[0]
-    steam = [p for p in pts if p["method"] == "steam-rome"]
-    if steam:
-        top = max(p["lam"] for p in steam)
-        steam = [p for p in steam if p["lam"] == top]
-        steam.sort(key=lambda p: (p["align_layers"] != "default", bool(p["centered"])))
-        out["steam-rome"] = steam[0]
+    base = [p for p in pts if p["method"] == spec(steered[0]).base]
+    if base:
+        out[base[0]["method"]] = base[0]
+    steam = [p for p in pts if p["method"] == steered[0]]
+    top = max(p["lam"] for p in steam)
+    steam = [p for p in steam if p["lam"] == top]
+    steam.sort(key=lambda p: (p["align_layers"] != "default", bool(p["centered"])))
+    out[steered[0]] = steam[0]
     return out
 
 
@@ -68,11 +77,10 @@ def replay_figures(run, lm=None, map_method: str = "pca", layer: int | None = No
     lm = runner.lm
     points = _points(runner)
     if not points:
-        raise ValueError(f"{run}: the run has no ROME or STEAM-ROME point to replay")
+        raise ValueError(f"{run}: the run has no edited point to replay")
     reqs = runner.requests()
     refs = runner.references()  # from the unedited model, before any edit
-    any_point = points.get("steam-rome") or next(iter(points.values()))
-    align = runner.align_layers(any_point)
+    align = runner.align_layers(list(points.values())[-1])  # the aligned method's point
     L = layer if layer is not None else align[len(align) // 2]
     reqs = [r for r in reqs if refs.anchor(r.target_new) is not None]
     if not reqs:
