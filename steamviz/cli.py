@@ -347,6 +347,7 @@ def _claims(args) -> int:
     cfg = ClaimsConfig(n_cf=args.n_cf, n_port=args.n_port, seeds=args.seeds,
                        lams=args.lams, centred_lam=args.centred_lam,
                        hparams=_params(args.param), candidates=args.candidates,
+                       port_candidates=args.port_candidates,
                        recall_rule=args.recall, pararel_patterns=args.patterns)
     _check_recall(args.recall)
     run_claims(cfg, args.out, lm=load_model(args.model, device=args.device))
@@ -457,6 +458,8 @@ def main(argv=None) -> int:
     q.add_argument("--n-cf", type=int, default=200, help="CounterFact val cases with anchors")
     q.add_argument("--n-port", type=int, default=100, help="portability cases with anchors")
     q.add_argument("--candidates", type=int, default=400, help="CounterFact cases screened")
+    q.add_argument("--port-candidates", type=int, default=None,
+                   help="portability cases screened (default: all of MQuAKE's single edits and zsRE)")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="anchor seeds")
     q.add_argument("--lams", type=float, nargs="+", default=[20.0, 50.0],
                    help="raw-loss lambdas")

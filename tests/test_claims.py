@@ -56,7 +56,8 @@ def test_a_tiny_claims_run_end_to_end(tmp_path, lm):
     if why:
         pytest.skip(why)
     cfg = ClaimsConfig(n_cf=2, n_port=2, seeds=[0], lams=[50.0], tune_lams=[20.0], n_tune=2,
-                       candidates=8, max_new_tokens=8, pararel_patterns="first", widen_to=0,
+                       candidates=8, port_candidates=8, max_new_tokens=8,
+                       pararel_patterns="first", widen_to=0,
                        bank_size=200,
                        hparams=dict(context_template_length_params=[[5, 2]],
                                     v_num_grad_steps=3))
