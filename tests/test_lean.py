@@ -14,7 +14,7 @@ REQ = EditRequest(prompt="The capital city of {} is", subject="France", target_n
 FAST = dict(context_template_length_params=((5, 3), (10, 2)), v_num_grad_steps=4)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "gemma3_text"])
 def tiny_llama(request, tokenizer):
     from conftest import build_tiny
 

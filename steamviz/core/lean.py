@@ -5,9 +5,11 @@ layer on a handful of *suffix* tokens per row, with the prefix's keys and values
 forward and backward, 25 times per edit. Through transformers' modules a good share of
 that time goes to module dispatch, cache bookkeeping and three small projections where
 one product does. :class:`LeanStack` does the same arithmetic as transformers' Llama,
-Mistral and Qwen2 blocks as plain tensor operations: q|k|v and gate|up fused into one
-product each (when the fused copy is small), rotary angles from the model's own rotary
-module, SDPA with the caller's additive mask. It is an internal fast path: callers
+Mistral, Qwen2, Qwen3 (q/k norms) and Gemma 3 blocks (four ``(1 + w)`` norms per block,
+q/k norms, GELU-tanh, a rotary per layer type; only while the rows are no longer than the
+sliding window, where local and global attention agree) as plain tensor operations: q|k|v
+and gate|up fused into one product each (when the fused copy is small), rotary angles from
+the model's own rotary module, SDPA with the caller's additive mask. It is an internal fast path: callers
 check :func:`unsupported` first and fall back to the modules when it names a reason
 (another architecture, hooks on the blocks -- a hook-based edit such as BaFT or SAKE, or
 a user's probe --, dropout in training mode).
@@ -28,7 +30,9 @@ from torch import nn
 
 from .arch import adapter_for, get_module
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")  # RMSNorm(w), SiLU gate, 2 norms/block
+GEMMA3 = ("gemma3_text",)  # RMSNorm(1 + w), GELU-tanh gate, 4 norms/block, q/k norms
+SUPPORTED = LLAMA_LIKE + GEMMA3
 FUSE_MAX_BYTES = 1 << 30  # above this, use the model's own weights unfused (big models)
 _GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA enable_gqa
 
@@ -41,15 +45,25 @@ def _hooked(m: nn.Module) -> bool:
     )
 
 
-def unsupported(model: nn.Module, start: int) -> str | None:
-    """Why :class:`LeanStack` cannot stand in for blocks ``start..`` of ``model``; ``None``
-    when it can."""
+def unsupported(model: nn.Module, start: int, length: int | None = None) -> str | None:
+    """Why :class:`LeanStack` cannot stand in for blocks ``start..`` of ``model`` on rows of
+    ``length`` tokens (prefix included; None: not checked); ``None`` when it can."""
     cfg = model.config
     mt = getattr(cfg, "model_type", None)
     if mt not in SUPPORTED:
         return f"model_type {mt!r} (lean path covers {SUPPORTED})"
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"activation {cfg.hidden_act!r}"
+    gemma = mt in GEMMA3
+    act = getattr(cfg, "hidden_activation", None) if gemma else getattr(cfg, "hidden_act", "silu")
+    if act != ("gelu_pytorch_tanh" if gemma else "silu"):
+        return f"activation {act!r}"
+    if gemma and getattr(cfg, "attn_logit_softcapping", None) is not None:
+        return "attention logit soft-capping"
+    if gemma and getattr(cfg, "use_bidirectional_attention", False):
+        return "bidirectional attention"
+    window = getattr(cfg, "sliding_window", None)
+    sliding = gemma or (mt == "qwen3" and getattr(cfg, "use_sliding_window", False))
+    if sliding and window and length is not None and length > window:
+        return f"rows of {length} tokens are longer than the sliding window ({window})"
     if (getattr(cfg, "pretraining_tp", 1) or 1) != 1:
         return "pretraining_tp > 1"
     ad = adapter_for(model)
@@ -68,17 +82,23 @@ def unsupported(model: nn.Module, start: int) -> str | None:
         for name, m in top.named_modules():
             if _hooked(m):
                 return f"a hook on {type(m).__name__} {name or '(block)'}"
+    eps = "eps" if gemma else "variance_epsilon"
+    norms = (("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+              "post_feedforward_layernorm") if gemma else ("input_layernorm",
+                                                            "post_attention_layernorm"))
+    qk = gemma or mt == "qwen3"
     for b in list(blocks)[start:]:
         a, p = getattr(b, "self_attn", None), getattr(b, "mlp", None)
-        if a is None or p is None or hasattr(a, "q_norm"):
-            return "block layout differs from Llama's"
+        if a is None or p is None or hasattr(a, "q_norm") != qk:
+            return f"block layout differs from {mt}'s"
         if not all(hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")):
             return "attention layout differs from Llama's"
         if not all(hasattr(p, n) for n in ("gate_proj", "up_proj", "down_proj")):
             return "MLP layout differs from Llama's"
-        if not all(hasattr(getattr(b, n, None), "variance_epsilon")
-                   for n in ("input_layernorm", "post_attention_layernorm")):
-            return "norms differ from Llama's RMSNorm"
+        if not all(hasattr(getattr(b, n, None), eps) for n in norms):
+            return f"norms differ from {mt}'s RMSNorm"
+        if qk and not all(hasattr(getattr(a, n, None), eps) for n in ("q_norm", "k_norm")):
+            return f"q/k norms differ from {mt}'s RMSNorm"
     return None
 
 
@@ -86,6 +106,13 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     # transformers' LlamaRMSNorm: statistics in float32, weight applied in the input dtype
     xf = x.float()
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rms1(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # transformers' Gemma3RMSNorm: (x * (1 + w)) in float32, then the input dtype
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w.float())
+            ).type_as(x)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +169,11 @@ class LeanStack:
         blocks = list(get_module(model, ad.layers))[start:]
         self.start = start
         self.rotary = get_module(model, ad.base).rotary_emb
+        self.gemma = model.config.model_type in GEMMA3
+        self._norm = _rms1 if self.gemma else _rms
+        # one rotary per layer type (Gemma 3: local and global layers); Llama's: one
+        types = getattr(model.config, "layer_types", None) if self.gemma else None
+        self.types = sorted(set(types)) if types else [None]
         self.norm = get_module(model, ad.final_norm)
         extra = sum(
             (b.self_attn.q_proj.weight.numel() * 3 + b.mlp.gate_proj.weight.numel() * 2)
@@ -151,7 +183,12 @@ class LeanStack:
         fuse = extra <= FUSE_MAX_BYTES
         md = matmul_dtype
         self.blocks = []
-        for b in blocks:
+        eps = "eps" if self.gemma else "variance_epsilon"
+
+        def norm(m):  # (weight, epsilon) of a norm module, or None
+            return None if m is None else (m.weight.detach(), getattr(m, eps))
+
+        for j, b in enumerate(blocks):
             a, p = b.self_attn, b.mlp
             hd = a.head_dim
             self.blocks.append(dict(
@@ -159,30 +196,51 @@ class LeanStack:
                 o=_Proj.of([a.o_proj], False, md),
                 gu=_Proj.of([p.gate_proj, p.up_proj], fuse, md),
                 down=_Proj.of([p.down_proj], False, md),
-                n1=b.input_layernorm.weight.detach(), e1=b.input_layernorm.variance_epsilon,
-                n2=b.post_attention_layernorm.weight.detach(),
-                e2=b.post_attention_layernorm.variance_epsilon,
+                n1=norm(b.input_layernorm), n2=norm(b.post_attention_layernorm),
+                n3=norm(getattr(b, "pre_feedforward_layernorm", None)),
+                n4=norm(getattr(b, "post_feedforward_layernorm", None)),
+                qn=norm(getattr(a, "q_norm", None)), kn=norm(getattr(a, "k_norm", None)),
+                rt=self.types.index(types[start + j]) if types else 0,
                 hd=hd, nq=a.q_proj.weight.shape[0] // hd, nkv=a.k_proj.weight.shape[0] // hd,
                 scaling=a.scaling,
             ))
 
-    def rope(self, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin ``[batch, 1, seq, head_dim]`` for positions ``pos`` ``[batch, seq]``."""
+    def rope(self, h: torch.Tensor, pos: torch.Tensor) -> tuple[tuple, tuple]:
+        """cos, sin for positions ``pos`` ``[batch, seq]``: one ``[batch, 1, seq, head_dim]``
+        tensor per rotary (layer type; Llama's models have one)."""
         with torch.no_grad():
-            cos, sin = self.rotary(h, pos)
-        return cos[:, None], sin[:, None]
+            outs = [self.rotary(h, pos) if t is None else self.rotary(h, pos, t)
+                    for t in self.types]
+        return tuple(c[:, None] for c, _ in outs), tuple(s[:, None] for _, s in outs)
 
     def block(self, j: int, h: torch.Tensor, cos, sin, kv, mask: torch.Tensor) -> torch.Tensor:
         """Block ``start + j`` on ``h`` ``[batch, seq, d]``; ``kv``: the prefix's (keys,
         values) ``[batch, kv_heads, P, head_dim]`` of this block (rotary applied)."""
+        return self.join(j, *self.parts(j, h, cos, sin, kv, mask))
+
+    def join(self, j: int, h_mid: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
+        """Block ``start + j``'s output from its two parts (:meth:`parts`): the stream after
+        attention plus the MLP's output (Gemma 3: the MLP's output normed first). An edit of
+        the MLP's down projection adds to ``mlp_out``."""
+        if self.gemma:
+            return h_mid + self._norm(mlp_out, *self.blocks[j]["n4"])
+        return h_mid + mlp_out
+
+    def parts(self, j: int, h: torch.Tensor, cos, sin, kv, mask: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(stream after attention, MLP output)`` of block ``start + j`` (see :meth:`block`)."""
         w = self.blocks[j]
+        norm = self._norm
+        cos, sin = cos[w["rt"]], sin[w["rt"]]
         B, S, _ = h.shape
         hd, nq, nkv = w["hd"], w["nq"], w["nkv"]
-        x = _rms(h, w["n1"], w["e1"])
+        x = norm(h, *w["n1"])
         q, k, v = w["qkv"](x)
         q = q.view(B, S, nq, hd).transpose(1, 2)
         k = k.view(B, S, nkv, hd).transpose(1, 2)
         v = v.view(B, S, nkv, hd).transpose(1, 2)
+        if w["qn"] is not None:  # Qwen3's and Gemma 3's per-head q/k norms, before rotary
+            q, k = norm(q, *w["qn"]), norm(k, *w["kn"])
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         pk, pv = kv
@@ -196,10 +254,14 @@ class LeanStack:
                 k = k.repeat_interleave(nq // nkv, dim=1)
                 v = v.repeat_interleave(nq // nkv, dim=1)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=w["scaling"])
-        h = h + w["o"](o.transpose(1, 2).reshape(B, S, nq * hd))[0]
-        x = _rms(h, w["n2"], w["e2"])
-        g, u = w["gu"](x)
-        return h + w["down"](F.silu(g) * u)[0]
+        a = w["o"](o.transpose(1, 2).reshape(B, S, nq * hd))[0]
+        if self.gemma:  # norms after attention and around the MLP, GELU-tanh gate
+            h = h + norm(a, *w["n2"])
+            g, u = w["gu"](norm(h, *w["n3"]))
+            return h, w["down"](F.gelu(g, approximate="tanh") * u)[0]
+        h = h + a
+        g, u = w["gu"](norm(h, *w["n2"]))
+        return h, w["down"](F.silu(g) * u)[0]
 
     def run(self, h: torch.Tensor, cos, sin, prefix_kv: list, mask: torch.Tensor, first: int = 0,
             tap: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:

@@ -168,7 +168,8 @@ def compute_vs(lm, prep: Prepared, hp: ROMEHparams | None = None, aligns=(None,)
     def row_delta():
         return (onehot * delta.repeat_interleave(R, dim=0)[:, None, :])
 
-    why = lean_unsupported(model, L) if lean is not False else "turned off"
+    why = (lean_unsupported(model, L, length=prep.mask4d.shape[-1]) if lean is not False
+           else "turned off")
     if lean and why:
         raise ValueError(f"lean=True but the lean forward does not apply: {why}")
     if hp.v_matmul_dtype and why:
@@ -179,9 +180,13 @@ def compute_vs(lm, prep: Prepared, hp: ROMEHparams | None = None, aligns=(None,)
         md = getattr(torch, hp.v_matmul_dtype) if hp.v_matmul_dtype else None
         stack = LeanStack(model, L, matmul_dtype=md)
         cos, sin = stack.rope(prep.h_suffix, prep.pos_suffix)
-        with torch.no_grad():  # block L's output does not depend on the delta
-            h_after = stack.block(0, prep.h_suffix, cos, sin, prep.prefix_kv[L], prep.mask4d)
-        h_after, cos, sin = _tile(h_after, G), _tile(cos, G), _tile(sin, G)
+        with torch.no_grad():  # block L's parts do not depend on the delta
+            h_mid, mlp_out = stack.parts(0, prep.h_suffix, cos, sin, prep.prefix_kv[L],
+                                         prep.mask4d)
+            h_after = _tile(stack.join(0, h_mid, mlp_out), G)
+            if stack.gemma:
+                h_mid, mlp_out = _tile(h_mid, G), _tile(mlp_out, G)
+        cos, sin = _tile(cos, G), _tile(sin, G)
         wanted = set(align_layers)
 
         def tap(layer, h):
@@ -189,7 +194,10 @@ def compute_vs(lm, prep: Prepared, hp: ROMEHparams | None = None, aligns=(None,)
                 streams[layer] = h[rw_rows, pred_pos]
 
         def forward():
-            h = h_after + row_delta().to(h_after.dtype)
+            if stack.gemma:  # the delta adds to the MLP's output, before its norm
+                h = stack.join(0, h_mid, mlp_out + row_delta().to(mlp_out.dtype))
+            else:  # (the MLP's output joins the stream as it is: the same, in one sum)
+                h = h_after + row_delta().to(h_after.dtype)
             tap(L + 1, h)
             return stack.run(h, cos, sin, prefix_kv, mask4d, first=1, tap=tap)
     else:
