@@ -2,17 +2,18 @@
 
 ROME's v* loop (also STEAM-ROME's and MEMIT's z loop) runs the blocks above the edited
 layer on a handful of *suffix* tokens per row, with the prefix's keys and values cached,
-forward and backward, 25 times per edit. Through transformers' modules a good share of
-that time goes to module dispatch, cache bookkeeping and three small projections where
-one product does. :class:`LeanStack` does the same arithmetic as transformers' Llama,
-Mistral, Qwen2, Qwen3 (q/k norms) and Gemma 3 blocks (four ``(1 + w)`` norms per block,
-q/k norms, GELU-tanh, a rotary per layer type; only while the rows are no longer than the
-sliding window, where local and global attention agree) as plain tensor operations: q|k|v
-and gate|up fused into one product each (when the fused copy is small), rotary angles from
-the model's own rotary module, SDPA with the caller's additive mask. It is an internal fast path: callers
-check :func:`unsupported` first and fall back to the modules when it names a reason
-(another architecture, hooks on the blocks -- a hook-based edit such as BaFT or SAKE, or
-a user's probe --, dropout in training mode).
+forward and backward, 25 times per edit. Through transformers' modules part of that time
+goes to module dispatch and cache bookkeeping. :class:`LeanStack` does the same arithmetic
+as transformers' Llama, Mistral, Qwen2, Qwen3 (q/k norms) and Gemma 3 blocks (four
+``(1 + w)`` norms per block, q/k norms, GELU-tanh, a rotary per layer type; only while the
+rows are no longer than the sliding window, where local and global attention agree) as
+plain tensor operations on the model's own weights -- no copies: fusing q|k|v and gate|up
+into one product each bought nothing on this CPU and cost 0.32x of SmolLM2's weight bytes
+per edit (docs/results.md) -- with rotary angles from the model's own rotary module and SDPA
+with the caller's additive mask. It is an internal fast path: callers check
+:func:`unsupported` first and fall back to the modules when it names a reason (another
+architecture, hooks on the blocks -- a hook-based edit such as BaFT or SAKE, or a user's
+probe --, dropout in training mode).
 
 >>> stack = LeanStack(lm.model, start=5)                               # doctest: +SKIP
 >>> cos, sin = stack.rope(h, pos)                                      # doctest: +SKIP
@@ -33,7 +34,6 @@ from .arch import adapter_for, get_module
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")  # RMSNorm(w), SiLU gate, 2 norms/block
 GEMMA3 = ("gemma3_text",)  # RMSNorm(1 + w), GELU-tanh gate, 4 norms/block, q/k norms
 SUPPORTED = LLAMA_LIKE + GEMMA3
-FUSE_MAX_BYTES = 1 << 30  # above this, use the model's own weights unfused (big models)
 _GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA enable_gqa
 
 
@@ -122,43 +122,37 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Proj:
-    """One or more linear maps of the same input; fused into one product when cheap."""
+    """Linear maps of the same input: the model's own weights, or copies in ``dtype`` for
+    lower-precision products (``v_matmul_dtype``, opt-in)."""
 
     weights: list
     biases: list
-    sizes: list
 
     @classmethod
-    def of(cls, linears: list[nn.Linear], fuse: bool, dtype: torch.dtype | None = None) -> "_Proj":
+    def of(cls, linears: list[nn.Linear], dtype: torch.dtype | None = None) -> "_Proj":
         ws = [m.weight.detach() for m in linears]
         bs = [None if m.bias is None else m.bias.detach() for m in linears]
-        sizes = [w.shape[0] for w in ws]
-        if fuse and len(ws) > 1 and (all(b is None for b in bs) or all(b is not None for b in bs)):
-            ws = [torch.cat(ws)]
-            bs = [None if bs[0] is None else torch.cat(bs)]
         if dtype is not None and dtype != ws[0].dtype:
             ws = [w.to(dtype) for w in ws]
             bs = [None if b is None else b.to(dtype) for b in bs]
-        return cls(ws, bs, sizes)
+        return cls(ws, bs)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         dt = x.dtype
         if self.weights[0].dtype != dt:  # products in a lower precision, stream kept in dt
             x = x.to(self.weights[0].dtype)
-        ys = [F.linear(x, w, b).to(dt) for w, b in zip(self.weights, self.biases)]
-        if len(ys) == 1 and len(self.sizes) > 1:
-            return list(ys[0].split(self.sizes, dim=-1))
-        return ys
+        return [F.linear(x, w, b).to(dt) for w, b in zip(self.weights, self.biases)]
 
 
 class LeanStack:
     """Blocks ``start..`` of a Llama-family causal LM as tensor arithmetic (see module doc).
 
-    Build it per optimisation (it holds fused copies of the current weights); do not keep it
-    across edits of the model. ``matmul_dtype`` (e.g. ``torch.bfloat16``): hold the
-    projection weights in that dtype and run the products in it, the residual stream, norms,
-    rotary and attention staying in the model's dtype -- on CPUs with AMX-BF16 (or GPUs)
-    this trades about three significant digits of the products for speed.
+    Build it per optimisation (it holds references to the current weights, and with
+    ``matmul_dtype`` copies of them); do not keep it across edits of the model.
+    ``matmul_dtype`` (e.g. ``torch.bfloat16``): hold copies of the projection weights in that
+    dtype and run the products in it, the residual stream, norms, rotary and attention
+    staying in the model's dtype -- on CPUs with AMX-BF16 (or GPUs) this trades about three
+    significant digits of the products for speed, and the copies' memory.
     """
 
     def __init__(self, model: nn.Module, start: int, matmul_dtype: torch.dtype | None = None):
@@ -175,12 +169,6 @@ class LeanStack:
         types = getattr(model.config, "layer_types", None) if self.gemma else None
         self.types = sorted(set(types)) if types else [None]
         self.norm = get_module(model, ad.final_norm)
-        extra = sum(
-            (b.self_attn.q_proj.weight.numel() * 3 + b.mlp.gate_proj.weight.numel() * 2)
-            * b.mlp.gate_proj.weight.element_size()
-            for b in blocks
-        )
-        fuse = extra <= FUSE_MAX_BYTES
         md = matmul_dtype
         self.blocks = []
         eps = "eps" if self.gemma else "variance_epsilon"
@@ -192,10 +180,10 @@ class LeanStack:
             a, p = b.self_attn, b.mlp
             hd = a.head_dim
             self.blocks.append(dict(
-                qkv=_Proj.of([a.q_proj, a.k_proj, a.v_proj], fuse, md),
-                o=_Proj.of([a.o_proj], False, md),
-                gu=_Proj.of([p.gate_proj, p.up_proj], fuse, md),
-                down=_Proj.of([p.down_proj], False, md),
+                qkv=_Proj.of([a.q_proj, a.k_proj, a.v_proj], md),
+                o=_Proj.of([a.o_proj], md),
+                gu=_Proj.of([p.gate_proj, p.up_proj], md),
+                down=_Proj.of([p.down_proj], md),
                 n1=norm(b.input_layernorm), n2=norm(b.post_attention_layernorm),
                 n3=norm(getattr(b, "pre_feedforward_layernorm", None)),
                 n4=norm(getattr(b, "post_feedforward_layernorm", None)),
