@@ -153,10 +153,9 @@ def find_gguf(name: str = DEFAULT_MODEL) -> Path:
     if len(parts) != len(m.packages):
         raise FileNotFoundError(f"{name}: expected {len(m.packages)} parts of {m.file}, found "
                                 f"{len(parts)}; reinstall with `{fix} --force-reinstall`.")
-    want = None
-    for f in (p for pkg in (m.sums,) if pkg for d in _folders(pkg) for p in d.rglob("SHA256SUMS")):
-        want = next((ln.split()[0] for ln in f.read_text().splitlines()
-                     if ln.strip().endswith(m.file)), None)
+    sums = [f for d in (_folders(m.sums) if m.sums else []) for f in d.rglob("SHA256SUMS")]
+    want = next((ln.split()[0] for f in sums for ln in f.read_text().splitlines()
+                 if ln.strip().endswith(m.file)), None)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=m.file + ".", suffix=".tmp", dir=out.parent)
     try:

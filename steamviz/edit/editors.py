@@ -174,17 +174,18 @@ def spec(method: str) -> Editor:
     return REGISTRY[key]
 
 
-def aligned(names) -> list[str]:
-    """The methods among ``names`` (e.g. a run's) that have an alignment-strength axis
-    (``lam``: STEAM's), in reading order; names nobody registered are left out.
+def aligned(names) -> tuple[str, str | None] | None:
+    """The first method among ``names`` (e.g. a run's), in reading order, with an
+    alignment-strength axis (``lam``: STEAM's), and the method it extends (its row's
+    ``base``); None when there is none. Names nobody registered are left out.
 
     >>> aligned(["unedited", "rome", "steam-rome", "mine"])
-    ['steam-rome']
+    ('steam-rome', 'rome')
     """
-    known = set(methods())
-    found = {str(m).lower() for m in names} & known
-    return [m for m, *_ in ordered_points([(m, None, None) for m in found
-                                           if "lam" in spec(m).axes])]
+    found = {str(m).lower() for m in names} & set(methods())
+    ordered = [m for m, *_ in ordered_points([(m, None, None) for m in found
+                                              if "lam" in spec(m).axes])]
+    return (ordered[0], spec(ordered[0]).base) if ordered else None
 
 
 #: hyperparameter fields that name blocks (checked against the model's depth)

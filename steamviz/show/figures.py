@@ -140,7 +140,7 @@ def paired_layer_difference(df: pd.DataFrame, col: str = "cos_centered_layers",
     the edit itself, on another scale than a difference between editors)."""
     from ..measure.compare import paired_layers
 
-    baseline = baseline or _base(df)
+    baseline = baseline or _pair(df)[1]
     if not unedited:
         df = df[df.method != "unedited"]
     ctl_col = col.replace("_layers", "_control_layers")
@@ -190,24 +190,17 @@ def paired_layer_difference(df: pd.DataFrame, col: str = "cos_centered_layers",
     return style(fig)
 
 
-def _aligned(df: pd.DataFrame) -> str:
-    """The run's first method with an alignment strength (STEAM-ROME), by the registry."""
+def _pair(df: pd.DataFrame) -> tuple[str, str]:
+    """The run's aligned method (STEAM-ROME) and the method it extends (ROME), by the
+    registry (:func:`steamviz.edit.editors.aligned`)."""
     from ..edit.editors import aligned
 
-    found = aligned(df.method.unique())
-    if not found:
+    pair = aligned(df.method.unique())
+    if pair is None:
         raise ValueError("no method with an alignment strength (lambda) in these rows")
-    return found[0]
-
-
-def _base(df: pd.DataFrame) -> str:
-    """The method the run's aligned method extends (ROME for STEAM-ROME), by the registry."""
-    from ..edit.editors import spec
-
-    base = spec(_aligned(df)).base
-    if not base:
-        raise ValueError(f"{_aligned(df)!r} extends no other method; pass baseline=...")
-    return base
+    if pair[1] is None:
+        raise ValueError(f"{pair[0]!r} extends no other method; pass baseline=...")
+    return pair
 
 
 def lambda_layer_heatmap(df: pd.DataFrame, col: str = "cos_centered_layers",
@@ -217,7 +210,7 @@ def lambda_layer_heatmap(df: pd.DataFrame, col: str = "cos_centered_layers",
     extends, ROME) so colour shows what the alignment term adds."""
     from ..edit.editors import spec
 
-    method = method or _aligned(df)
+    method = method or _pair(df)[0]
     baseline = baseline or spec(method).base
     st = df[df.method == method]
     lams = sorted(st.lam.dropna().astype(float).unique())
@@ -373,18 +366,17 @@ def sweep_figures(df: pd.DataFrame, log=print) -> dict[str, go.Figure]:
     align = run_align_layers(df)
     made = {"layer_cosine": layer_cosine(df, align_layers=align),
             "tradeoff": tradeoff(summarize(df))}
-    from ..edit.editors import aligned, spec
+    from ..edit.editors import aligned
 
-    steered = aligned(df.method.unique())
-    base = spec(steered[0]).base if steered else None
+    steered, base = aligned(df.method.unique()) or (None, None)
     if base and (df.method == base).any() and "cos_centered_layers" in df.columns:
         try:
             made["paired_layer_difference"] = paired_layer_difference(
                 df, baseline=base, align_layers=align)
         except ValueError as e:  # e.g. ROME at several edited layers: no single baseline
             log(f"no paired-difference figure: {e}")
-    if steered and df[df.method == steered[0]].lam.dropna().nunique() >= 1:
-        made["lambda_layer_heatmap"] = lambda_layer_heatmap(df, method=steered[0])
+    if steered and df[df.method == steered].lam.dropna().nunique() >= 1:
+        made["lambda_layer_heatmap"] = lambda_layer_heatmap(df, method=steered)
     return made
 
 

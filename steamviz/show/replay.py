@@ -28,29 +28,30 @@ def _points(runner) -> dict[str, dict]:
     at its largest lambda (default alignment layers and no centring when the run has them),
     and the method it extends (ROME), both by the registry -- or, in a run without such a
     method, every editor's first point -- at the run's first edit layer."""
-    from ..edit.editors import aligned, spec
+    from ..edit.editors import aligned
     from ..run.plan import grid
 
     pts = [p for p in grid(runner.cfg, runner.hp.layer)
            if p.get("batch") is None and p.get("anchor_seed") in (None, runner.cfg.seed)]
     first = next((p["layer"] for p in pts if p["layer"] is not None), None)
     pts = [p for p in pts if p["layer"] in (None, first)]
-    steered = aligned(p["method"] for p in pts)
-    if not steered:  # no aligned method: every editor's first point
+    pair = aligned(p["method"] for p in pts)
+    if pair is None:  # no aligned method: every editor's first point
         firsts: dict[str, dict] = {}
         for p in pts:
             if p["method"] != "unedited":
                 firsts.setdefault(p["method"], p)
         return firsts
+    steered, base_method = pair
     out = {}
-    base = [p for p in pts if p["method"] == spec(steered[0]).base]
+    base = [p for p in pts if p["method"] == base_method]
     if base:
-        out[base[0]["method"]] = base[0]
-    steam = [p for p in pts if p["method"] == steered[0]]
+        out[base_method] = base[0]
+    steam = [p for p in pts if p["method"] == steered]
     top = max(p["lam"] for p in steam)
     steam = [p for p in steam if p["lam"] == top]
     steam.sort(key=lambda p: (p["align_layers"] != "default", bool(p["centered"])))
-    out[steered[0]] = steam[0]
+    out[steered] = steam[0]
     return out
 
 

@@ -107,11 +107,11 @@ class SweepExplorer:
         self.col = col
         # the explored method: one with an alignment strength (STEAM-ROME), and the method it
         # extends (ROME), both read from the registry
-        found = aligned(self.df.method.unique())
-        if method is None and not found:
+        pair = aligned(self.df.method.unique()) if method is None else (method, None)
+        if pair is None:
             raise ValueError("these rows have no method with an alignment strength (lambda) "
                              "to explore; pass method=...")
-        self.method = method or found[0]
+        self.method = pair[0]
         self.base = spec(self.method).base
         steam = self.df[self.df.method == self.method]
         values = _options(axis, steam[axis]) if axis in steam else []
