@@ -46,7 +46,7 @@ def main():
             acc.append(time.perf_counter() - t)
     p, c = statistics.median(tp), statistics.median(tc)
     print(f"plain forward (64 prompts, with logits): {p * 1000:.1f} ms")
-    print(f"capture all {lm.n_layers + 1} layers x 2 positions: {c * 1000:.1f} ms")
+    print(f"capture all {lm.n_blocks + 1} layers x 2 positions: {c * 1000:.1f} ms")
     print("ratio capture / forward:")
     print(f"{c / p:.3f}")
 

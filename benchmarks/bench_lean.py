@@ -33,7 +33,7 @@ def speedup(name) -> float:
         v[lean] = rome.compute_v(lm, prep, hp, lean=lean)
         best[lean] = min(best.get(lean, float("inf")), time.perf_counter() - t)
     rel = float((v[True].delta - v[False].delta).norm() / v[False].delta.norm())
-    print(f"{lm.name} ({lm.model.config.model_type}, layer {hp.layer}, rows "
+    print(f"{lm.name} ({lm.model.config.model_type}, block {hp.block}, rows "
           f"{tuple(prep.h_suffix.shape[:2])}): modules {best[False]:.2f} s, lean {best[True]:.2f} s, "
           f"speed-up {best[False] / best[True]:.2f}x; v* relative difference {rel:.1e}")
     return best[False] / best[True]

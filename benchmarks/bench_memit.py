@@ -1,10 +1,10 @@
 """Seconds per edit: one MEMIT batch of N edits against N single ROME edits, in one run.
 
 Default edit set (data/edits.jsonl), first N requests (default 50), default model and
-hyperparameters of each method (ROME: layer 5; MEMIT: layers 3-7), early stopping on as in
+hyperparameters of each method (ROME: block 5; MEMIT: blocks 3-7), early stopping on as in
 normal use. Both start from empty in-process caches; the model is restored between sides.
 - memit: ``memit.apply(lm, requests)``: N target vectors, then one least-squares update of
-  each of the 5 layers.
+  each of the 5 blocks.
 - rome: N independent ``rome.apply`` edits, each restored before the next (single edits,
   as an evaluation of single edits runs them).
 Each side also reports its efficacy on the edited requests (rewrite prompt, P(new) > P(true)),

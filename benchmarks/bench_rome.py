@@ -2,7 +2,7 @@
 
 10 single edits (CounterFact val cases 0-9, default model, default hyperparameters: 21
 context prompts). Early stopping is off so both run exactly ``v_num_grad_steps`` steps.
-- fast: steamviz's ROME as shipped (blocks below the edited layer run once, the tokens
+- fast: steamviz's ROME as shipped (blocks below the edited block run once, the tokens
   before the subject come from a key/value cache, the edited block's output is computed
   once, the blocks above run through steamviz.core.lean, logits only where a loss reads them),
   float32 throughout
@@ -64,7 +64,7 @@ def main():
             t = time.perf_counter()
             prep = rome.prepare(lm, req, hp_bf if kind == "bf16" else hp, use_cache=False)
             if kind == "steam":
-                align = steam.make_align(lm, anchor, 20.0, steam.default_layers(lm, hp.layer))
+                align = steam.make_align(lm, anchor, 20.0, steam.default_layers(lm, hp.block))
                 v = rome.compute_v(lm, prep, hp, align=align)
             elif kind == "bf16":
                 v = rome.compute_v(lm, prep, hp_bf)

@@ -1,7 +1,7 @@
 """A sweep over 8 lambda values for one edit vs 8 independent STEAM-ROME edits.
 
 sweep: run_sweep on one request with lams = 8 values (unedited measured once; context
-prompts, keys, lower-layer caches, anchors and the reference bank computed once).
+prompts, keys, lower-block caches, anchors and the reference bank computed once).
 independent: 8 separate experiments, each starting from empty in-process caches (context
 prompts, ROME preparation, anchors, recall checks): measure unedited, edit, measure.
 Both use the same settings (generation off, bank of 400 facts, on-disk caches warm).
@@ -52,9 +52,9 @@ def main():
         cfg = SweepConfig(**dict(base, lams=[lam]))
         r = Runner(cfg, lm=lm)
         req = r.requests()[0]
-        r.run_point(req, dict(method="unedited", layer=None, lam=None, align_layers=None,
+        r.run_point(req, dict(method="unedited", block=None, lam=None, align_layers=None,
                               centered=None))
-        r.run_point(req, dict(method="steam-rome", layer=r.hp.layer, lam=lam,
+        r.run_point(req, dict(method="steam-rome", block=r.hp.block, lam=lam,
                               align_layers="default", centered=False))
     indep = time.perf_counter() - t
     print(f"sweep of {len(LAMS)} lambdas: {sweep:.1f} s; {len(LAMS)} independent edits: "

@@ -26,7 +26,7 @@ def main():
     hp = rome.ROMEHparams.for_model(lm).replace(early_stop_loss=0.0)
     prep = rome.prepare(lm, req, hp)
     anchor = build_anchor(lm, req.target_new, exclude_subjects=(req.subject,))
-    layers = steam.default_layers(lm, hp.layer)
+    layers = steam.default_layers(lm, hp.block)
     aligns = [steam.make_align(lm, anchor, lam, layers) for lam in LAMS]
     rome.compute_v(lm, prep, hp.replace(v_num_grad_steps=2), align=aligns[0])  # warm-up
     t = time.perf_counter()

@@ -44,9 +44,9 @@ def main() -> None:
         v_num_grad_steps=args.steps, context_template_length_params=((5, 2),))
     mhp = memit.MEMITHparams.for_model(lm)
     mhp = mhp.replace(v_num_grad_steps=args.steps, context_template_length_params=((5, 2),),
-                      layers=tuple(mhp.layers[-2:]))
+                      blocks=tuple(mhp.blocks[-2:]))
     touched = {lm.adapter.mlp_out.format(b) + ".weight"
-               for b in set(mhp.layers) | {hp.layer, hp.layer + 1}}
+               for b in set(mhp.blocks) | {hp.block, hp.block + 1}}
     start = snapshot(lm.model, touched)
     rng = random.Random(args.seed)
     t0 = time.time()
@@ -59,7 +59,7 @@ def main() -> None:
             if kind == "memit":
                 e = memit.apply(lm, [r, rng.choice(reqs)] if rng.random() < 0.5 else [r], mhp)
             else:
-                e = rome.apply(lm, r, hp if kind == "rome" else hp.replace(layer=hp.layer + 1))
+                e = rome.apply(lm, r, hp if kind == "rome" else hp.replace(block=hp.block + 1))
             live.append(e)
         rng.shuffle(live)
         for e in live:

@@ -85,16 +85,17 @@ def _check_recall(rule: str) -> None:
 def _check_edit_args(method: str, lam, params: dict, model=None) -> dict:
     """Everything about the editor that can be checked before the model loads (block
     indices against the depth in ``model``'s config)."""
-    from .edit.editors import check_params, methods
+    from .edit.editors import check_params, methods, spec
     from .core.models import model_depth
 
     known = methods(batch=False)
     if method.lower() not in known:
         raise UsageError(f"--method {method!r}: unknown; choose one of {known}")
     if lam is not None:
-        if not method.lower().startswith("steam"):
+        if "lam" not in spec(method).axes:
+            with_lam = [m for m in methods() if "lam" in spec(m).axes]
             raise UsageError(f"--lam is STEAM's alignment strength; --method {method} has none "
-                             "(use steam-rome or steam-memit)")
+                             f"(methods with one: {', '.join(with_lam)})")
         if lam < 0:
             raise UsageError(f"--lam {lam:g}: must be >= 0")
         params = dict(params, lam=lam)
@@ -113,7 +114,7 @@ def _eval(args) -> int:
     if args.n is not None and args.n < 1:
         raise UsageError(f"--n {args.n}: evaluate at least one request (--n 1 or more)")
     _check_device(args.device)
-    params = {} if args.layer is None else {"layer": args.layer}
+    params = {} if args.block is None else {"block": args.block}
     params.update(_params(args.param))
     params = _check_edit_args(args.method, args.lam, params, args.model)
     reqs = load_named(args.data, args.n)  # a bad data name or file fails before the model
@@ -414,7 +415,7 @@ def main(argv=None) -> int:
     v.add_argument("--n", type=int, default=100)
     v.add_argument("--method", default="rome")
     v.add_argument("--lam", type=float, default=None, help="STEAM alignment strength")
-    v.add_argument("--layer", type=int, default=None)
+    v.add_argument("--block", "--layer", type=int, help="edited block index (--layer: its old name)")
     v.add_argument("--no-generation", action="store_true", help="skip fluency/consistency")
     v.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="an editor parameter (e.g. a hyperparameter field: "

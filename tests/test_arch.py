@@ -6,7 +6,7 @@ import torch
 
 from steamviz.core.arch import ADAPTERS, adapter_for, as_out_in, final_readout, get_module, mlp_out_module
 from steamviz.look.capture import capture
-from steamviz.core.forward import run_from_layer
+from steamviz.core.forward import run_from_block
 from steamviz.core.tokens import encode
 
 PROMPTS = ["The capital of France is", "Tokyo is a big city in the country of", "Paris"]
@@ -15,7 +15,7 @@ SUBJECTS = ["France", "Tokyo", "Paris"]
 
 def test_adapter_paths_resolve(tiny):
     ad = adapter_for(tiny.model)
-    for path in (ad.embed, ad.layers, ad.final_norm, ad.lm_head, ad.mlp.format(1),
+    for path in (ad.embed, ad.blocks, ad.final_norm, ad.lm_head, ad.mlp.format(1),
                  ad.mlp_out.format(1), ad.attn.format(1)):
         get_module(tiny.model, path)
     W = as_out_in(mlp_out_module(tiny.model, 1).weight, ad)
@@ -43,7 +43,7 @@ def test_capture_equals_output_hidden_states(tiny):
     b = encode(tiny, PROMPTS)
     hs = tiny.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                     output_hidden_states=True).hidden_states
-    n = tiny.n_layers
+    n = tiny.n_blocks
     assert cap.tensor.shape == (3, n + 1, 2, tiny.d_model)
     norm = get_module(tiny.model, tiny.adapter.final_norm)
     for layer in range(n + 1):
@@ -58,11 +58,11 @@ def test_capture_equals_output_hidden_states(tiny):
 
 @torch.no_grad()
 def test_last_layer_readout_is_the_models_logits(tiny):
-    cap = capture(tiny, PROMPTS, layers=[tiny.n_layers])
+    cap = capture(tiny, PROMPTS, layers=[tiny.n_blocks])
     b = encode(tiny, PROMPTS)
     logits = tiny.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
     ref = logits[torch.arange(3), b.last]
-    torch.testing.assert_close(final_readout(tiny.model, cap.get("last", tiny.n_layers)), ref,
+    torch.testing.assert_close(final_readout(tiny.model, cap.get("last", tiny.n_blocks)), ref,
                                rtol=1e-4, atol=1e-4)
 
 
@@ -71,13 +71,13 @@ def test_run_from_layer_matches_full_forward(tiny):
     b = encode(tiny, PROMPTS)
     out = tiny.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                      output_hidden_states=True)
-    for start in (1, tiny.n_layers - 1):
-        top = run_from_layer(tiny, out.hidden_states[start], start, b.attention_mask)
+    for start in (1, tiny.n_blocks - 1):
+        top = run_from_block(tiny, out.hidden_states[start], start, b.attention_mask)
         for i in range(3):
             L = int(b.lengths[i])
             torch.testing.assert_close(top[i, :L], out.hidden_states[-1][i, :L],
                                        rtol=1e-4, atol=1e-4)
-    assert len(get_module(tiny.model, tiny.adapter.layers)) == tiny.n_layers  # restored
+    assert len(get_module(tiny.model, tiny.adapter.blocks)) == tiny.n_blocks  # restored
 
 
 @torch.no_grad()

@@ -53,14 +53,14 @@ def test_intervention_starts_as_identity_and_keeps_orthonormal_rows():
 
 
 def test_hparams():
-    hp = BaFTHparams(layers=[3, 5])
-    assert hp.layers == (3, 5) and hp.replace(rank=2).rank == 2
+    hp = BaFTHparams(blocks=[3, 5])
+    assert hp.blocks == (3, 5) and hp.replace(rank=2).rank == 2
     assert hp.to_dict()["rank"] == 4
     with pytest.raises(ValueError, match="increasing"):
-        BaFTHparams(layers=(5, 3))
+        BaFTHparams(blocks=(5, 3))
     with pytest.raises(ValueError):
         BaFTHparams(rank=0)
-    assert BaFTHparams.for_model("smollm2-135m").layers == baft.MODEL_DEFAULTS["smollm2-135m"]["layers"]
+    assert BaFTHparams.for_model("smollm2-135m").blocks == baft.MODEL_DEFAULTS["smollm2-135m"]["blocks"]
 
 
 def test_distractors_skip_held_out_prompts_and_the_subject():
@@ -80,7 +80,7 @@ def test_tiny_models_train_apply_and_restore_exactly(tiny):
     state = _state(tiny.model)
     hooks0 = _hooks(tiny.model)  # transformers may keep hooks of its own installed
     before = next_token_logits(tiny, prompts)
-    hp = BaFTHparams(layers=(1, 2), rank=2, steps=4, lr=1e-2, n_distractors=1,
+    hp = BaFTHparams(blocks=(1, 2), rank=2, steps=4, lr=1e-2, n_distractors=1,
                      loc_prompts=("Water is",), **FAST)
     rng = torch.random.get_rng_state()
     e = baft.apply(tiny, req, hp)
@@ -153,4 +153,4 @@ def test_context_manager_restores_on_exception(lm):
 @pytest.mark.model
 def test_bad_layers_are_refused(lm):
     with pytest.raises(ValueError, match="out of range"):
-        baft.apply(lm, REQ, BaFTHparams(layers=(lm.n_layers,)))
+        baft.apply(lm, REQ, BaFTHparams(blocks=(lm.n_blocks,)))

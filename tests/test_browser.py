@@ -155,7 +155,7 @@ _KERNEL = """async (code) => {
 _EXPECTED = r"""
 import json as _json, numpy as _np, pandas as _pd
 def _pick(d, c, v):
-    if c in ('lam', 'layer'):
+    if c in ('lam', 'block'):
         return d[_pd.to_numeric(d[c], errors='coerce') == float(v)]
     if c == 'centered':
         return d[d[c].astype(str) == str(bool(v))]
@@ -167,8 +167,8 @@ def _expected(p):
     for c, v in sel.items():
         steam = _pick(steam, c, v)
     rome = d[d.method == 'rome']
-    if 'layer' in sel:
-        rome = _pick(rome, 'layer', sel['layer'])
+    if 'block' in sel:
+        rome = _pick(rome, 'block', sel['block'])
     def line(x):
         v = [_json.loads(s) if isinstance(s, str) else s for s in x[p.col]]
         v = [a for a in v if isinstance(a, list)]

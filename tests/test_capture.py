@@ -13,7 +13,7 @@ pytestmark = pytest.mark.model
 
 
 def test_default_model_knows_paris(lm):
-    assert lm.n_layers == 30 and lm.d_model == 576
+    assert lm.n_blocks == 30 and lm.d_model == 576
     assert greedy(lm, ["The capital of France is"], max_new_tokens=3)[0].startswith(" Paris")
 
 
@@ -68,7 +68,7 @@ def test_layer_subset_frame_and_numpy(lm):
 
 
 def test_hooks_removed_on_error_and_model_reusable(lm):
-    blocks = get_module(lm.model, lm.adapter.layers)
+    blocks = get_module(lm.model, lm.adapter.blocks)
 
     def counts():
         return [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in blocks]

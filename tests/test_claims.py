@@ -66,3 +66,4 @@ def test_a_tiny_claims_run_end_to_end(tmp_path, lm):
     assert "| claim | setting |" in md and "tuned on the default edit set" in md
     assert set(t.setting) == {"λ=50 raw", "λ=20 centred"}
     assert set(t.n) <= {2} and (tmp_path / "claims" / "tuning.json").exists()
+    assert "Compute: " in md and "(tuning " in md and ", cf " in md and ", port " in md

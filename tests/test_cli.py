@@ -23,7 +23,7 @@ def test_demo_does_the_main_job(tmp_path, lm):
     assert e["unedited"]["completion"].strip().startswith(e["target_true"])
     assert e["rome"]["efficacy"] and e["steam-rome"]["efficacy"]
     assert e["rome"]["completion"].strip().startswith(e["target_new"])
-    assert len(e["rome"]["cos_centered_layers"]) == lm.n_layers + 1
+    assert len(e["rome"]["cos_centered_layers"]) == lm.n_blocks + 1
     assert e["steam-rome"]["cos_centered_control"] is not None
     page = (out / "report.html").read_text()
     for part in ("1. Completions", "2. Per-layer cosine", "3. Latent map", "4. Logit lens",
@@ -91,11 +91,11 @@ def test_eval_refuses_a_block_outside_the_model_before_loading_it(tmp_path):
     # the depth comes from the model's config (here the GGUF header), not from loading it
     env = dict(__import__("os").environ, STEAMVIZ_CACHE=str(tmp_path))
     out = subprocess.run([sys.executable, "-m", "steamviz", "eval", "--method", "rome",
-                          "--data", "default", "--layer", "30"], capture_output=True, text=True,
+                          "--data", "default", "--block", "30"], capture_output=True, text=True,
                          env=env)
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "layer=30: block indices must lie in 0..29" in lines[0], lines
+    assert len(lines) == 1 and "block=30: block indices must lie in 0..29" in lines[0], lines
     assert not (tmp_path / "models").exists()
 
 

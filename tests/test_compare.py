@@ -73,23 +73,23 @@ def test_sentences_state_the_measured_difference_and_what_its_interval_says():
 
     rows = []
     for c in range(6):
-        for layer in (3, 7):
-            rows.append(dict(case_id=c, method="rome", lam=None, layer=layer, m=0.1 * c))
-            # STEAM higher by 0.2 at layer 3; at layer 7 a difference whose sign varies
-            rows.append(dict(case_id=c, method="steam-rome", lam=50.0, layer=layer,
-                             m=0.1 * c + (0.2 if layer == 3 else (-1) ** c * 0.1)))
-        rows.append(dict(case_id=c, method="unedited", lam=None, layer=None, m=0.0))
+        for block in (3, 7):
+            rows.append(dict(case_id=c, method="rome", lam=None, block=block, m=0.1 * c))
+            # STEAM higher by 0.2 at block 3; at block 7 a difference whose sign varies
+            rows.append(dict(case_id=c, method="steam-rome", lam=50.0, block=block,
+                             m=0.1 * c + (0.2 if block == 3 else (-1) ** c * 0.1)))
+        rows.append(dict(case_id=c, method="unedited", lam=None, block=None, m=0.0))
     df = pd.DataFrame(rows)
-    s = sentences(df, ["m"], by="layer", n_boot=2000)
-    assert len(s) == 2  # one per edited layer; the unedited model is not a method compared
-    assert s[0].startswith("At layer 3: STEAM λ=50 − ROME, m: +0.200 (95% CI +0.200 to +0.200")
+    s = sentences(df, ["m"], by="block", n_boot=2000)
+    assert len(s) == 2  # one per edited block; the unedited model is not a method compared
+    assert s[0].startswith("At block 3: STEAM λ=50 − ROME, m: +0.200 (95% CI +0.200 to +0.200")
     assert s[0].endswith("higher with STEAM λ=50 on these edits.")
-    assert s[1].startswith("At layer 7: STEAM λ=50 − ROME, m: +0.000")
+    assert s[1].startswith("At block 7: STEAM λ=50 − ROME, m: +0.000")
     assert s[1].endswith("the interval includes 0, so these edits show no difference.")
     with pytest.raises(ValueError, match="several rows per case_id"):
-        sentences(df, ["m"])  # ROME at two layers: no single baseline without by=
+        sentences(df, ["m"])  # ROME at two blocks: no single baseline without by=
     # 2 edits, both higher: the bootstrap interval excludes 0, but the test cannot (p = 0.5)
-    two = df[(df.case_id < 2) & (df.layer == 3)]
+    two = df[(df.case_id < 2) & (df.block == 3)]
     (s2,) = sentences(two, ["m"], n_boot=2000)
     assert "p = 0.50" in s2 and s2.endswith(
         "the interval excludes 0, but 2 edits are too few for the sign-flip test "

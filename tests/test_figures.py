@@ -454,11 +454,11 @@ def test_replay_draws_the_aligned_method_and_its_base_by_the_registry():
     from steamviz.show.replay import _points
 
     def runner(**kw):
-        return SimpleNamespace(cfg=SweepConfig.from_dict(kw), hp=SimpleNamespace(layer=5))
+        return SimpleNamespace(cfg=SweepConfig.from_dict(kw), hp=SimpleNamespace(block=5))
 
     pts = _points(runner(methods=["rome", "steam-rome"], lams=[5.0, 20.0]))
     assert list(pts) == ["rome", "steam-rome"] and pts["steam-rome"]["lam"] == 20.0
-    assert {p["layer"] for p in pts.values()} == {5}
-    pts = _points(runner(methods=["rome", "steam-rome"], lams=[20.0], edit_layers=[3, 7]))
-    assert {p["layer"] for p in pts.values()} == {3}
+    assert {p["block"] for p in pts.values()} == {5}
+    pts = _points(runner(methods=["rome", "steam-rome"], lams=[20.0], edit_blocks=[3, 7]))
+    assert {p["block"] for p in pts.values()} == {3}
     assert list(_points(runner(methods=["rome", "kne"]))) == ["rome", "kne"]  # no aligned one

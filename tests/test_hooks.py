@@ -19,8 +19,8 @@ def _hidden_states(lm, b):
 def test_stream_taps_equal_hidden_states_and_stop_early(tiny):
     b = encode(tiny, PROMPTS)
     ref = _hidden_states(tiny, b)
-    n = tiny.n_layers
-    blocks = get_module(tiny.model, tiny.adapter.layers)
+    n = tiny.n_blocks
+    blocks = get_module(tiny.model, tiny.adapter.blocks)
     ran = []
     handle = blocks[n - 1].register_forward_hook(lambda m, a, o: ran.append(1))
     with hooks([handle]):
@@ -67,6 +67,6 @@ def test_hooks_are_removed_on_error_and_bad_taps_are_named(tiny):
     with pytest.raises(ValueError, match="choose from"):
         Tap(mod, "inside")
     with pytest.raises(ValueError, match="out of range"):
-        stream(tiny, tiny.n_layers + 1)
+        stream(tiny, tiny.n_blocks + 1)
     with pytest.raises(ValueError, match="at least one tap"):
         read(tiny, b.input_ids, b.attention_mask, {})

@@ -49,8 +49,8 @@ def test_negative_lambdas_in_a_sweep_config_are_refused():
     (dict(generation="no"), "generation"), (dict(offset=-1), "offset"),
     (dict(knn_k=0), "knn_k"), (dict(max_new_tokens=-5), "max_new_tokens"),
     (dict(bank_size=-3), "bank_size"), (dict(seed="x"), "seed"),
-    (dict(device="nosuch"), "device"), (dict(edit_layers=[-1]), "edit_layers"),
-    (dict(hparams=dict(v_lr="abc")), "hparams"), (dict(hparams=dict(layer=2.5)), "hparams"),
+    (dict(device="nosuch"), "device"), (dict(edit_blocks=[-1]), "edit_blocks"),
+    (dict(hparams=dict(v_lr="abc")), "hparams"), (dict(hparams=dict(block=2.5)), "hparams"),
     (dict(hparams=dict(v_num_grad_steps=0)), "hparams"),
 ])
 def test_bad_sweep_values_are_refused_naming_the_key(bad, key):

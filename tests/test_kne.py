@@ -68,12 +68,12 @@ def test_select_top_large_exact_and_ties():
 
 
 def test_hparams():
-    hp = KNEHparams().replace(fraction=0.02, layers=[3, 4])
-    assert hp.layers == (3, 4) and hp.to_dict()["fraction"] == 0.02
-    assert hp.resolve_layers(30) == (3, 4)
-    assert KNEHparams().resolve_layers(30) == tuple(range(10))
-    assert KNEHparams(layer_span=1.0).resolve_layers(4) == (0, 1, 2, 3)
-    assert KNEHparams().resolve_layers(2) == (0,) and KNEHparams().resolve_layers(1) == (0,)
+    hp = KNEHparams().replace(fraction=0.02, blocks=[3, 4])
+    assert hp.blocks == (3, 4) and hp.to_dict()["fraction"] == 0.02
+    assert hp.resolve_blocks(30) == (3, 4)
+    assert KNEHparams().resolve_blocks(30) == tuple(range(10))
+    assert KNEHparams(block_span=1.0).resolve_blocks(4) == (0, 1, 2, 3)
+    assert KNEHparams().resolve_blocks(2) == (0,) and KNEHparams().resolve_blocks(1) == (0,)
     with pytest.raises(ValueError, match="matrices"):
         KNEHparams(matrices="attn")
 
@@ -93,7 +93,7 @@ def test_tiny_fast_attribution_matches_reference(tiny):
     subj = kne.attribute(tiny, "The city of Toronto is in", "Japan", w, steps=3,
                          signed=True, subject="Toronto")
     assert any(not torch.allclose(subj[n], signed[n]) for n in w)
-    last = f"{tiny.adapter.layers}.{tiny.n_layers - 1}."
+    last = f"{tiny.adapter.blocks}.{tiny.n_blocks - 1}."
     for n in w:  # the last block's MLP at the subject's tokens cannot reach the answer
         assert (subj[n].abs().sum() == 0) == n.startswith(last), n
 
@@ -108,7 +108,7 @@ def test_tiny_attribution_goes_through_the_slot_not_the_first_mention(tiny):
     kw = dict(steps=2, signed=True, batch_size=2, subject="Toronto")
     slot = kne.attribute(tiny, prompt, "Japan", w, subject_start=at, **kw)
     first = kne.attribute(tiny, prompt, "Japan", w, **kw)  # no offset: the search fallback
-    last = f"{tiny.adapter.layers}.{tiny.n_layers - 1}."
+    last = f"{tiny.adapter.blocks}.{tiny.n_blocks - 1}."
     for n in w:
         if n.startswith(last):
             assert slot[n].abs().sum() > 0 and first[n].abs().sum() == 0, n
@@ -140,9 +140,9 @@ def test_tiny_edit_runs_and_restores(tiny, tmp_path):
     state = _state(tiny.model)
     w = kne.ffn_weights(tiny)
     n_ffn = sum(v.numel() for v in w.values())
-    assert len(w) == 2 * tiny.n_layers or len(w) == 3 * tiny.n_layers
+    assert len(w) == 2 * tiny.n_blocks or len(w) == 3 * tiny.n_blocks
     before = target_logprobs(tiny, [REQ.rewrite_prompt], [REQ.target_new])[0]["logprob"]
-    hp = KNEHparams(fraction=0.02, ig_steps=4, steps=5, lr=1e-2, layer_span=1.0,
+    hp = KNEHparams(fraction=0.02, ig_steps=4, steps=5, lr=1e-2, block_span=1.0,
                     context_template_length_params=((5, 1),))
     edit = kne.apply(tiny, REQ, hp)
     after = target_logprobs(tiny, [REQ.rewrite_prompt], [REQ.target_new])[0]["logprob"]
@@ -151,7 +151,7 @@ def test_tiny_edit_runs_and_restores(tiny, tmp_path):
     assert size == round(0.02 * n_ffn)
     changed = _changed(tiny.model, state)
     assert set(changed) <= set(w) and 0 < sum(changed.values()) <= size
-    assert sum(r["entries"] for r in edit.info["per_layer"]) == size
+    assert sum(r["entries"] for r in edit.info["per_block"]) == size
     path = edit.save(tmp_path / "kne.safetensors")
     edited = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     edit.restore()
@@ -173,15 +173,15 @@ def test_edit_lands_touches_only_the_ensemble_and_undoes(lm):
         after = target_logprobs(lm, [REQ.rewrite_prompt], [REQ.target_new])[0]["prob"]
         assert after > max(0.5, 100 * before), (before, after)
         info = edit.info
-        layers = list(range(round(lm.n_layers / 3)))  # default: the first third of the blocks
-        n_ffn = sum(v.numel() for v in kne.ffn_weights(lm, layers=layers).values())
-        assert info["n_entries"] == n_ffn and len(info["matrices"]) == 3 * len(layers)
+        blocks = list(range(round(lm.n_blocks / 3)))  # default: the first third of the blocks
+        n_ffn = sum(v.numel() for v in kne.ffn_weights(lm, blocks=blocks).values())
+        assert info["n_entries"] == n_ffn and len(info["matrices"]) == 3 * len(blocks)
         assert info["ensemble_size"] == round(0.01 * n_ffn)
         assert info["ensemble_fraction"] == pytest.approx(0.01, rel=1e-3)
         changed = _changed(lm.model, state)
         assert set(changed) <= set(info["matrices"])  # no non-FFN parameter moved
         assert 0 < sum(changed.values()) <= info["ensemble_size"]
-        assert [r["layer"] for r in info["per_layer"]] == layers
+        assert [r["block"] for r in info["per_block"]] == blocks
         assert info["losses"][-1]["nll"] < info["losses"][0]["nll"]
         assert info["seconds"] > 0 and isinstance(info["hparams"], dict)
         assert getattr(lm.model, "_steamviz_active_edits", 0) == 1
@@ -224,7 +224,7 @@ def test_failure_while_writing_leaves_nothing(lm, monkeypatch):
 @pytest.mark.model
 def test_output_projection_only(lm):
     state = _state(lm.model)
-    with kne.apply(lm, REQ, KNEHparams(matrices="out", layers=(3, 4, 5), **FAST)) as e:
+    with kne.apply(lm, REQ, KNEHparams(matrices="out", blocks=(3, 4, 5), **FAST)) as e:
         assert set(_changed(lm.model, state)) <= {
             f"model.layers.{i}.mlp.down_proj.weight" for i in (3, 4, 5)}
         assert e.info["ensemble_size"] == round(0.01 * 3 * 576 * 1536)

@@ -23,13 +23,13 @@ def tiny_llama(request, tokenizer):
 
 def _align(lm, layers):
     g = torch.Generator().manual_seed(0)
-    phi = torch.randn(lm.n_layers + 1, lm.d_model, generator=g)[layers]
+    phi = torch.randn(lm.n_blocks + 1, lm.d_model, generator=g)[layers]
     return AlignLoss(lam=2.0, layers=layers, phi=phi)
 
 
 def test_lean_equals_modules(tiny_llama):
     assert lean.unsupported(tiny_llama.model, 1) is None
-    hp = ROMEHparams(layer=1, **FAST)
+    hp = ROMEHparams(block=1, **FAST)
     prep = rome.prepare(tiny_llama, REQ, hp, use_cache=False)
     a = rome.compute_v(tiny_llama, prep, hp, lean=True)
     b = rome.compute_v(tiny_llama, prep, hp, lean=False)
@@ -43,7 +43,7 @@ def test_lean_equals_modules(tiny_llama):
 
 
 def test_bfloat16_products_stay_close(tiny_llama):
-    hp = ROMEHparams(layer=1, **FAST)
+    hp = ROMEHparams(block=1, **FAST)
     prep = rome.prepare(tiny_llama, REQ, hp, use_cache=False)
     a = rome.compute_v(tiny_llama, prep, hp)
     b = rome.compute_v(tiny_llama, prep, hp.replace(v_matmul_dtype="bfloat16"))
@@ -55,7 +55,7 @@ def test_bfloat16_products_stay_close(tiny_llama):
 def test_hooks_or_other_architectures_use_the_modules(tiny_llama, tokenizer):
     from conftest import build_tiny
 
-    hp = ROMEHparams(layer=1, **FAST)
+    hp = ROMEHparams(block=1, **FAST)
     prep = rome.prepare(tiny_llama, REQ, hp, use_cache=False)
     blocks = tiny_llama.model.model.layers
     h = blocks[2].mlp.register_forward_hook(lambda m, a, o: o * 1.5)

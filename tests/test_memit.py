@@ -1,4 +1,4 @@
-"""MEMIT: batch edits reach their targets, spread over layers, and undo exactly."""
+"""MEMIT: batch edits reach their targets, spread over blocks, and undo exactly."""
 
 import pytest
 import torch
@@ -32,7 +32,7 @@ def test_batch_of_edits_lands_and_undoes(lm):
     ]
     state = _state(lm.model)
     before = [target_logprobs(lm, [r.rewrite_prompt], [r.target_new])[0]["prob"] for r in reqs]
-    hp = MEMITHparams(layers=(3, 4, 5), **FAST)
+    hp = MEMITHparams(blocks=(3, 4, 5), **FAST)
     edit = memit.apply(lm, reqs, hp)
     touched = sorted(edit.deltas)
     assert touched == [f"model.layers.{i}.mlp.down_proj.weight" for i in (3, 4, 5)]
@@ -45,10 +45,10 @@ def test_batch_of_edits_lands_and_undoes(lm):
 @pytest.mark.model
 def test_bad_layers_are_refused(lm):
     with pytest.raises(ValueError, match="increasing and distinct"):
-        MEMITHparams(layers=(5, 4))
+        MEMITHparams(blocks=(5, 4))
     with pytest.raises(ValueError, match="out of range"):
         memit.apply(lm, [EditRequest(prompt="{} is in", subject="Paris", target_new="Rome")],
-                    MEMITHparams(layers=(29, 30)))
+                    MEMITHparams(blocks=(29, 30)))
 
 
 EASYEDIT_MEMIT = """alg_name: "MEMIT"
@@ -84,7 +84,7 @@ def test_hparams_from_easyedit_memit_yaml(tmp_path):
     y.write_text(EASYEDIT_MEMIT)
     with pytest.warns(UserWarning, match="no mom2_corpus"):
         hp = MEMITHparams.from_yaml(y)
-    assert hp.layers == (13, 14, 15, 16, 17) and hp.v_lr == 0.5 and isinstance(hp.v_lr, float)
+    assert hp.blocks == (13, 14, 15, 16, 17) and hp.v_lr == 0.5 and isinstance(hp.v_lr, float)
     assert hp.mom2_update_weight == 20000.0 and hp.v_num_grad_steps == 20
     assert hp.clamp_norm_factor == 0.75 and hp.mom2_n_tokens == 100000
     hp = MEMITHparams.from_yaml(y, mom2_corpus="model")
@@ -129,18 +129,18 @@ def _spy_compute_v(monkeypatch):
 def test_z_clamp_and_decay_are_relative_to_the_residual_stream(arch, tokenizer, monkeypatch):
     """MEMIT's compute_z: max_norm = clamp_norm_factor * |target_init| and decay
     v_weight_decay * |delta| / |target_init|^2, target_init the residual stream leaving
-    block z_layer at the subject's last token of the bare prompt (not the MLP output)."""
+    block z_block at the subject's last token of the bare prompt (not the MLP output)."""
     from conftest import build_tiny
 
     from steamviz import lean
 
     lm = build_tiny(arch, tokenizer)
-    L = 2  # z_layer
+    L = 2  # z_block
     assert (lean.unsupported(lm.model, L) is None) == (arch == "llama")
     clear_caches("memit")
     clear_caches("rome")
     seen = _spy_compute_v(monkeypatch)
-    hp = MEMITHparams(layers=(1, L), clamp_norm_factor=0.05, v_weight_decay=0.5, v_lr=0.5,
+    hp = MEMITHparams(blocks=(1, L), clamp_norm_factor=0.05, v_weight_decay=0.5, v_lr=0.5,
                       v_num_grad_steps=4, early_stop_loss=0.0,
                       context_template_length_params=((5, 2),))
     edit = memit.apply(lm, [TORONTO], hp)
@@ -158,7 +158,7 @@ def test_z_clamp_and_decay_are_relative_to_the_residual_stream(arch, tokenizer, 
             hs = lm.model(input_ids=ids, output_hidden_states=True).hidden_states
     finally:
         h.remove()
-    resid = hs[L + 1][0, pos].norm().item()  # output of block L (L + 1 < n_layers: pre-norm)
+    resid = hs[L + 1][0, pos].norm().item()  # output of block L (L + 1 < n_blocks: pre-norm)
     mlp = got["mlp"].norm().item()
     assert abs(resid - mlp) > 0.2 * resid  # the two references are far apart here
     assert v.steps == 3  # the clamp bound after every step
@@ -172,7 +172,7 @@ def test_z_clamp_and_decay_are_relative_to_the_residual_stream(arch, tokenizer, 
 def test_keys_are_the_mean_of_per_type_means(tokenizer, monkeypatch):
     """MEMIT's compute_ks: the mean key within each context-template type (the bare "{}",
     then one type per (length, n) pair), then the mean of those means; checked on the
-    written update, dW = delta k^T / (w s + k.k) for one request at one layer (C = s I)."""
+    written update, dW = delta k^T / (w s + k.k) for one request at one block (C = s I)."""
     from conftest import build_tiny
 
     from steamviz.core.context import context_templates
@@ -206,7 +206,7 @@ def test_keys_are_the_mean_of_per_type_means(tokenizer, monkeypatch):
     clear_caches("rome")
     seen = _spy_compute_v(monkeypatch)
     w = 64.0
-    hp = MEMITHparams(layers=(L,), v_num_grad_steps=3, mom2_update_weight=w,
+    hp = MEMITHparams(blocks=(L,), v_num_grad_steps=3, mom2_update_weight=w,
                       context_template_length_params=params)
     edit = memit.apply(lm, [TORONTO], hp)
     edit.restore()

@@ -49,7 +49,7 @@ def test_every_reference_builder_refuses_an_edited_model(tiny, tmp_path, monkeyp
     finally:
         e.restore()
     a = build_anchor(tiny, "Japan", facts=FACTS, require_recall=False)
-    assert a.n == 4 and a.phi.shape == (tiny.n_layers + 1, tiny.d_model)
+    assert a.n == 4 and a.phi.shape == (tiny.n_blocks + 1, tiny.d_model)
 
 
 def test_anchor_and_bank_caches_are_safetensors_and_validated(tiny, tmp_path, monkeypatch):
@@ -100,12 +100,12 @@ def test_references_leave_every_evaluated_subject_out(tiny, tmp_path, monkeypatc
 
 def _align(lm, layers):
     g = torch.Generator().manual_seed(0)
-    phi = torch.randn(lm.n_layers + 1, lm.d_model, generator=g)[layers]
+    phi = torch.randn(lm.n_blocks + 1, lm.d_model, generator=g)[layers]
     return AlignLoss(lam=50.0, layers=layers, phi=phi)
 
 
 def test_matched_budget_gives_rome_and_steam_equal_steps(tiny):
-    hp = ROMEHparams(layer=1, context_template_length_params=((5, 2),), v_num_grad_steps=6,
+    hp = ROMEHparams(block=1, context_template_length_params=((5, 2),), v_num_grad_steps=6,
                      early_stop_loss=0.0)
     prep = rome.prepare(tiny, REQ, hp, use_cache=False)
     plain = rome.compute_v(tiny, prep, hp)
@@ -137,7 +137,7 @@ def test_held_out_and_trained_columns_and_control(tiny, tmp_path, monkeypatch):
     from steamviz.measure.integration import integration_rows
 
     g = torch.Generator().manual_seed(1)
-    L, d = tiny.n_layers + 1, tiny.d_model
+    L, d = tiny.n_blocks + 1, tiny.d_model
     anchor = Anchor("Rome", torch.randn(L, d, generator=g), [], [])
     ctl = [Anchor(o, torch.randn(L, d, generator=g), [], []) for o in ("Oslo", "Lima")]
     bank = Bank(FACTS, torch.randn(len(FACTS), L, d, generator=g))
@@ -236,7 +236,7 @@ def test_anchor_seed_axis_multiplies_every_point():
 
 
 def test_plain_rome_reuses_its_target_vector_exactly(tiny):
-    hp = ROMEHparams(layer=1, context_template_length_params=((5, 2),), v_num_grad_steps=3)
+    hp = ROMEHparams(block=1, context_template_length_params=((5, 2),), v_num_grad_steps=3)
     clear_caches("rome")
     with rome.apply(tiny, REQ, hp) as a:
         first = {k: v.clone() for k, v in tiny.model.state_dict().items()}

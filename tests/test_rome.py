@@ -29,7 +29,7 @@ def test_fast_v_equals_plain_implementation_tiny(tiny):
     """The prefix-cache path must match the full-forward path on every architecture."""
     req = EditRequest(prompt="The capital city of {} is", subject="France", target_new="Rome",
                       target_true="Paris")
-    hp = ROMEHparams(layer=1, v_num_grad_steps=4, **FAST)
+    hp = ROMEHparams(block=1, v_num_grad_steps=4, **FAST)
     prep = rome.prepare(tiny, req, hp, use_cache=False)
     fast = rome.compute_v(tiny, prep, hp)
     plain = rome.compute_v_reference(tiny, prep, hp)
@@ -108,13 +108,13 @@ def test_hparams_from_easyedit_yaml(tmp_path):
                  "context_template_length_params: [[5, 10], [10, 10]]\n"
                  "rewrite_module_tmp: model.layers.{}.mlp.down_proj\nmom2_n_samples: 100000\n")
     hp = ROMEHparams.from_yaml(y)
-    assert hp.layer == 7 and hp.v_num_grad_steps == 20 and hp.mom2_n_tokens == 100000
+    assert hp.block == 7 and hp.v_num_grad_steps == 20 and hp.mom2_n_tokens == 100000
     assert hp.context_template_length_params == ((5, 10), (10, 10))
     y.write_text("layers: [7]\nv_lrr: 0.5\n")
     with pytest.raises(ValueError, match="unknown ROME hyperparameter 'v_lrr'"):
         ROMEHparams.from_yaml(y)
     y.write_text("layers: [3, 4]\n")
-    with pytest.raises(ValueError, match="one layer"):
+    with pytest.raises(ValueError, match="one block"):
         ROMEHparams.from_yaml(y)
 
 
@@ -124,7 +124,7 @@ def test_gpt2_conv1d_layout_edit(tokenizer):
     tiny = build_tiny("gpt2", tokenizer)
     req = EditRequest(prompt="The capital city of {} is", subject="France", target_new="Rome")
     state = _state(tiny.model)
-    hp = ROMEHparams(layer=1, v_num_grad_steps=6, **FAST)
+    hp = ROMEHparams(block=1, v_num_grad_steps=6, **FAST)
     prep = rome.prepare(tiny, req, hp, use_cache=False)
     v = rome.compute_v(tiny, prep, hp)
     assert v.losses[-1]["nll"] < v.losses[0]["nll"] - 0.5
@@ -197,7 +197,7 @@ def test_kl_term_is_romes_direction(tokenizer):
     from steamviz.core.arch import mlp_out_module
 
     lm = build_tiny("llama", tokenizer)
-    hp = ROMEHparams(layer=1, v_num_grad_steps=2, early_stop_loss=0.0, v_lr=2.0, kl_factor=1.0,
+    hp = ROMEHparams(block=1, v_num_grad_steps=2, early_stop_loss=0.0, v_lr=2.0, kl_factor=1.0,
                      context_template_length_params=((5, 2),))
     prep = rome.prepare(lm, REQ, hp, use_cache=False)
     v = rome.compute_v(lm, prep, hp)
@@ -223,7 +223,7 @@ def test_kl_position_option_reads_the_prompts_last_token(tokenizer):
     from conftest import build_tiny
 
     lm = build_tiny("llama", tokenizer)
-    hp = ROMEHparams(layer=1, v_num_grad_steps=3, context_template_length_params=((5, 2),))
+    hp = ROMEHparams(block=1, v_num_grad_steps=3, context_template_length_params=((5, 2),))
     a = rome.prepare(lm, REQ, hp, use_cache=False)
     b = rome.prepare(lm, REQ, hp.replace(kl_position="last"), use_cache=False)
     assert a.kl_pos.tolist() == [0] and b.kl_pos.tolist() == [2]  # "Toronto| is a|"
@@ -245,7 +245,7 @@ def test_subject_is_located_from_the_template_not_by_search(tokenizer, monkeypat
     from steamviz import rome_prepare
 
     monkeypatch.setattr(rome_prepare, "context_templates", lambda *a, **k: list(ctx))
-    hp = ROMEHparams(layer=1, v_num_grad_steps=2)
+    hp = ROMEHparams(block=1, v_num_grad_steps=2)
     prep = rome.prepare(lm, REQ, hp, use_cache=False)
     n0 = len(lm.prefix_ids)
     want = [n0 + len(token_ids(lm, c.replace("{}", "Toronto"))) - 1 for c in ctx]
@@ -277,7 +277,7 @@ def test_batched_target_vectors_equal_one_at_a_time(tokenizer, arch):
               AlignLoss(lam=5.0, layers=[2, 3], phi=phi),
               AlignLoss(lam=0.0, layers=[3], phi=phi[:1]),
               AlignLoss(lam=20.0, layers=[2, 3], phi=phi, center=torch.randn(2, 64, generator=g))]
-    base = ROMEHparams(layer=1, v_num_grad_steps=6, **FAST)
+    base = ROMEHparams(block=1, v_num_grad_steps=6, **FAST)
     prep = rome.prepare(lm, req, base, use_cache=False)
     first = rome.compute_v(lm, prep, base).losses
     # stop plain ROME after its third step; the others run on

@@ -85,7 +85,7 @@ def test_alignment_pulls_towards_the_anchor(lm):
     hp = rome.ROMEHparams.for_model(lm).replace(**HP).replace(v_num_grad_steps=8,
                                                               early_stop_loss=0.0)
     a = build_anchor(lm, "Japan", facts=JAPAN, use_cache=False)
-    layers = steam.default_layers(lm, hp.layer)
+    layers = steam.default_layers(lm, hp.block)
     prep = rome.prepare(lm, REQ, hp, use_cache=False)
     plain = rome.compute_v(lm, prep, hp, align=steam.make_align(lm, a, 0.0, layers))
     pulled = rome.compute_v(lm, prep, hp, align=steam.make_align(lm, a, 50.0, layers))
@@ -123,7 +123,7 @@ def test_integration_geometry_helpers():
 
 def test_logit_lens_last_layer_is_the_models_prediction(lm):
     rows = logit_lens(lm, "The capital of France is", {"new": "London", "old": "Paris"})
-    last = {r["target"]: r for r in rows if r["layer"] == lm.n_layers}
+    last = {r["target"]: r for r in rows if r["layer"] == lm.n_blocks}
     assert last["old"]["rank"] == 0 and last["old"]["prob"] > 0.5
     assert last["new"]["rank"] > 0
-    assert len(rows) == 2 * (lm.n_layers + 1)
+    assert len(rows) == 2 * (lm.n_blocks + 1)

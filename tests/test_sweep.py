@@ -47,18 +47,18 @@ def test_pararel_patterns_from_a_file(tmp_path):
 
 
 def test_grid_points():
-    cfg = SweepConfig.from_dict(dict(SMALL, lams=[5.0, 20.0], edit_layers=[4, 6]))
-    pts = grid(cfg, default_layer=5)
+    cfg = SweepConfig.from_dict(dict(SMALL, lams=[5.0, 20.0], edit_blocks=[4, 6]))
+    pts = grid(cfg, default_block=5)
     assert [p["method"] for p in pts].count("unedited") == 1
     assert sum(p["method"] == "rome" for p in pts) == 2
-    assert {(p["layer"], p["lam"]) for p in pts if p["method"] == "steam-rome"} == {
+    assert {(p["block"], p["lam"]) for p in pts if p["method"] == "steam-rome"} == {
         (4, 5.0), (4, 20.0), (6, 5.0), (6, 20.0)}
 
 
 def test_batch_axis_only_for_batch_editors_and_units_chunk_requests():
     cfg = SweepConfig.from_dict(dict(SMALL, methods=["rome", "memit", "steam-memit"],
                                      batch_sizes=[1, 3], lams=[20.0], include_unedited=False))
-    pts = grid(cfg, default_layer=5)
+    pts = grid(cfg, default_block=5)
     assert [p.get("batch") for p in pts if p["method"] == "rome"] == [None]
     assert sorted(p["batch"] for p in pts if p["method"] == "memit") == [1, 3]
     assert {(p["batch"], p["lam"]) for p in pts if p["method"] == "steam-memit"} == {
@@ -153,24 +153,24 @@ def test_a_registered_method_gets_the_grid_axes_it_declares_and_no_other(monkeyp
     for name in ("REGISTRY", "DISPLAY"):
         monkeypatch.setattr(editors, name, dict(getattr(editors, name)))  # undone after
     editors.register("toy-steam", axes=("lam",))(lambda lm, r, **kw: None)
-    editors.register("toy-batch", batch=True, axes=("layer", "batch"))(lambda lm, rs, **kw: None)
+    editors.register("toy-batch", batch=True, axes=("block", "batch"))(lambda lm, rs, **kw: None)
     editors.register("toy-batch")(lambda lm, r, **kw: None)  # one request at a time, as memit
     editors.register("toy-plain")(lambda lm, r, **kw: None)
     assert editors.spec("toy-steam").axes == ("lam",) and not editors.spec("toy-steam").batch
-    assert editors.spec("toy-batch").axes == ("layer", "batch") and editors.spec("toy-batch").batch
+    assert editors.spec("toy-batch").axes == ("block", "batch") and editors.spec("toy-batch").batch
     cfg = SweepConfig.from_dict(dict(SMALL, methods=["toy-steam", "toy-batch", "toy-plain"],
-                                     lams=[5.0, 20.0], centered=[False, True], edit_layers=[4, 6],
+                                     lams=[5.0, 20.0], centered=[False, True], edit_blocks=[4, 6],
                                      batch_sizes=[1, 3], include_unedited=False))
-    pts = grid(cfg, default_layer=5)
+    pts = grid(cfg, default_block=5)
     steam = [p for p in pts if p["method"] == "toy-steam"]
-    assert {(p["layer"], p["lam"], p["centered"]) for p in steam} == {
+    assert {(p["block"], p["lam"], p["centered"]) for p in steam} == {
         (None, lam, c) for lam in (5.0, 20.0) for c in (False, True)}
     assert len(steam) == 4 and not any("batch" in p for p in steam)
     batch = [p for p in pts if p["method"] == "toy-batch"]
-    assert sorted((p["layer"], p["batch"]) for p in batch) == [(4, 1), (4, 3), (6, 1), (6, 3)]
+    assert sorted((p["block"], p["batch"]) for p in batch) == [(4, 1), (4, 3), (6, 1), (6, 3)]
     assert all(p["lam"] is p["align_layers"] is p["centered"] is None for p in batch)
     assert [p for p in pts if p["method"] == "toy-plain"] == [dict(
-        method="toy-plain", layer=None, lam=None, align_layers=None, centered=None)]
+        method="toy-plain", block=None, lam=None, align_layers=None, centered=None)]
     runner = Runner.__new__(Runner)  # no model: neither point needs an anchor
     assert runner.skipped([], dict(method="toy-batch")) is None
     assert runner.skipped([], dict(method="unedited")) is None
@@ -185,27 +185,27 @@ def test_block_indices_and_method_params_checked_against_the_model_before_any_wr
     # config and the model's depth alone (no model load, no run folder)
     def refused(match, **kw):
         with pytest.raises(ConfigError, match=match):
-            SweepConfig.from_dict(dict(SMALL, **kw)).validate(n_layers=30)
+            SweepConfig.from_dict(dict(SMALL, **kw)).validate(n_blocks=30)
 
-    refused("'edit_layers'.*< 30", edit_layers=[30])
-    refused("'align_layers'.*< 30", align_layers=[[8, 40]])
-    refused("'hparams'.*layer=31.*0..29", hparams=dict(layer=31))
+    refused("'edit_blocks'.*< 30", edit_blocks=[30])
+    refused("'align_layers'.*<= 30", align_layers=[[8, 40]])
+    refused("'hparams'.*block=31.*0..29", hparams=dict(block=31))
     refused("'method_params'.*sake.*target_iters takes", methods=["sake"],
             method_params={"sake": {"target_iters": "many"}})
     refused("'method_params'.*unknown BAFT parameter 'rnk'", methods=["baft"],
             method_params={"baft": {"rnk": 4}})
-    refused("'method_params'.*kne.*layers=\\[2, 99\\]", methods=["kne"],
-            method_params={"kne": {"layers": [2, 99]}})
-    refused("'method_params'.*memit.*layers=\\[28, 29, 30\\]", methods=["memit"],
-            method_params={"memit": {"layers": [28, 29, 30]}})
+    refused("'method_params'.*kne.*blocks=\\[2, 99\\]", methods=["kne"],
+            method_params={"kne": {"blocks": [2, 99]}})
+    refused("'method_params'.*memit.*blocks=\\[28, 29, 30\\]", methods=["memit"],
+            method_params={"memit": {"blocks": [28, 29, 30]}})
     SweepConfig.from_dict(dict(SMALL, methods=["sake", "kne", "memit"], method_params={
-        "sake": {"target_iters": 4}, "kne": {"layers": [1, 2]},
-        "memit": {"v_num_grad_steps": 2}})).validate(n_layers=30)
+        "sake": {"target_iters": 4}, "kne": {"blocks": [1, 2]},
+        "memit": {"v_num_grad_steps": 2}})).validate(n_blocks=30)
 
     from steamviz.core.models import model_depth
 
-    cfg = SweepConfig.from_dict(dict(SMALL, edit_layers=[(model_depth() or 30) + 5]))
-    with pytest.raises(ConfigError, match="'edit_layers'"):
+    cfg = SweepConfig.from_dict(dict(SMALL, edit_blocks=[(model_depth() or 30) + 5]))
+    with pytest.raises(ConfigError, match="'edit_blocks'"):
         run_sweep(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
     cfg = SweepConfig.from_dict(dict(SMALL, data=str(tmp_path / "no-such.jsonl")))
     with pytest.raises(ConfigError, match="'data': edit request not found"):
@@ -226,14 +226,14 @@ def test_memit_takes_its_own_hyperparameters_as_keywords(tokenizer):
     tiny = build_tiny("llama", tokenizer)
     req = EditRequest(prompt="{} is located in", subject="Toronto", target_new="Japan",
                       target_true="Canada")
-    e = edit(tiny, req, "memit", v_num_grad_steps=2, layers=[1, 2],
+    e = edit(tiny, req, "memit", v_num_grad_steps=2, blocks=[1, 2],
              context_template_length_params=[[5, 1]])
     try:
-        assert e.info["hparams"]["layers"] == (1, 2) and e.info["hparams"]["v_num_grad_steps"] == 2
+        assert e.info["hparams"]["blocks"] == (1, 2) and e.info["hparams"]["v_num_grad_steps"] == 2
     finally:
         e.restore()
-    with pytest.raises(ValueError, match="layers=\\[3, 9\\]: block indices must lie in 0..3"):
-        edit(tiny, req, "memit", layers=[3, 9])
+    with pytest.raises(ValueError, match="blocks=\\[3, 9\\]: block indices must lie in 0..3"):
+        edit(tiny, req, "memit", blocks=[3, 9])
 
 
 @pytest.mark.model
@@ -261,7 +261,7 @@ def test_sweep_optimises_a_requests_objectives_together(tmp_path, lm, monkeypatc
     assert calls == [3] and len(df) == 3  # ROME, lambda 5, lambda 50: one optimisation
     r = Runner(cfg, lm=lm)
     req = r.requests()[0]
-    for p in grid(cfg, r.hp.layer):
+    for p in grid(cfg, r.hp.block):
         row = df[(df.method == p["method"]) & (df.lam.fillna(-1) == (p["lam"] or -1))].iloc[0]
         clear_caches("rome")
         with edit(lm, req, p["method"], **r.edit_kwargs(p, [req])) as e:
@@ -287,11 +287,11 @@ def test_a_toy_editor_in_one_module_runs_in_a_sweep_and_shows_in_its_figures(lm,
 
     importlib.reload(toy_editor)  # registers into this test's copy of the registry
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()
-              if n.startswith(lm.adapter.layers)}
-    cfg = SweepConfig.from_dict(dict(SMALL, methods=["rome", toy_editor.NAME], edit_layers=[4]))
+              if n.startswith(lm.adapter.blocks)}
+    cfg = SweepConfig.from_dict(dict(SMALL, methods=["rome", toy_editor.NAME], edit_blocks=[4]))
     df = run_sweep(cfg, tmp_path / "run", lm=lm, progress=False, log=lambda s: None)
     toy = df[df.method == toy_editor.NAME]
-    assert len(toy) == 2 and set(toy.layer) == {4}  # its declared axis, from the grid
+    assert len(toy) == 2 and set(toy.block) == {4}  # its declared axis, from the grid
     assert toy.cos_centered_layers.notna().all() and toy.efficacy.notna().all()
     unedited = df[df.method == "unedited"].set_index("case_id").cos_centered
     assert (toy.set_index("case_id").cos_centered != unedited).all()  # it did edit

@@ -100,7 +100,7 @@ def test_rome_edits_restored_out_of_order(tiny_llama, tmp_path):
     """The defect: a.restore() then b.restore() used to leave A's edit in the weights."""
     model = tiny_llama.model
     start = _state(model)
-    hp = ROMEHparams(layer=1, **FAST)
+    hp = ROMEHparams(block=1, **FAST)
     a = rome.apply(tiny_llama, REQ_A, hp)
     b = rome.apply(tiny_llama, REQ_B, hp)
     b.save(tmp_path / "b.safetensors")
@@ -121,11 +121,11 @@ def test_rome_edits_restored_out_of_order(tiny_llama, tmp_path):
 def test_memit_and_rome_interleaved(tiny_llama):
     model = tiny_llama.model
     start = _state(model)
-    hp = ROMEHparams(layer=2, **FAST)
-    mhp = memit.MEMITHparams.for_model(tiny_llama).replace(layers=(1, 2), **FAST)
+    hp = ROMEHparams(block=2, **FAST)
+    mhp = memit.MEMITHparams.for_model(tiny_llama).replace(blocks=(1, 2), **FAST)
     a = rome.apply(tiny_llama, REQ_A, hp)
     m = memit.apply(tiny_llama, [REQ_B], mhp)  # both touch block 2's down_proj
-    c = rome.apply(tiny_llama, REQ_B, hp.replace(layer=1))
+    c = rome.apply(tiny_llama, REQ_B, hp.replace(block=1))
     m.restore()
     a.restore()
     c.restore()
@@ -140,7 +140,7 @@ def test_a_saved_delta_knows_its_model_and_is_not_applied_twice(tiny_llama, toke
 
     model = tiny_llama.model
     start = _state(model)
-    with rome.apply(tiny_llama, REQ_A, ROMEHparams(layer=1, **FAST)) as e:
+    with rome.apply(tiny_llama, REQ_A, ROMEHparams(block=1, **FAST)) as e:
         e.save(tmp_path / "a.safetensors")
         edited = _state(model)
     d = load_edit(tmp_path / "a.safetensors")

@@ -13,7 +13,7 @@ def _rows():
     for case in range(3):
         for method, lam, shift in (("unedited", None, 0.0), ("rome", None, 0.02),
                                    ("steam-rome", 20.0, 0.05), ("steam-rome", 50.0, 0.10)):
-            rows.append(dict(case_id=case, method=method, lam=lam, layer=5,
+            rows.append(dict(case_id=case, method=method, lam=lam, block=5,
                              align_layers=None if lam is None else "default",
                              cos_centered_layers=json.dumps((np.ones(31) * 0.5 + shift).tolist()),
                              efficacy=1.0, paraphrase=0.5 + shift, neighborhood=0.5,
@@ -35,13 +35,13 @@ def test_slider_changes_the_figures():
 
 def test_run_button_adds_a_point():
     class HP:
-        layer = 5
+        block = 5
 
     class FakeRunner:
         hp = HP()
 
         def run_point(self, req, point):
-            return dict(method=point["method"], lam=point["lam"], layer=5,
+            return dict(method=point["method"], lam=point["lam"], block=5,
                         align_layers="default", efficacy=1.0, paraphrase=0.9,
                         neighborhood=0.5, portability=0.5, knn_share=0.3,
                         cos_centered_layers=json.dumps([0.9] * 31))
@@ -67,7 +67,7 @@ METRICS = ["efficacy", "paraphrase", "neighborhood", "portability", "knn_share"]
 N_LAYERS = 12
 
 
-def _stored_rows(tmp_path, layers, lams, aligns=("default",), centereds=(False,),
+def _stored_rows(tmp_path, blocks, lams, aligns=("default",), centereds=(False,),
                  skipped_at=None):
     import itertools
 
@@ -79,11 +79,11 @@ def _stored_rows(tmp_path, layers, lams, aligns=("default",), centereds=(False,)
         return dict(cos_centered_layers=[round(float(x), 6) for x in rng.uniform(-1, 1, N_LAYERS)],
                     **{m: round(float(rng.uniform()), 6) for m in METRICS})
 
-    points = [dict(method="unedited", layer=None, lam=None, align_layers=None, centered=None)]
-    points += [dict(method="rome", layer=L, lam=None, align_layers=None, centered=None)
-               for L in layers]
-    points += [dict(method="steam-rome", layer=L, lam=float(lam), align_layers=al, centered=c)
-               for L, lam, al, c in itertools.product(layers, lams, aligns, centereds)]
+    points = [dict(method="unedited", block=None, lam=None, align_layers=None, centered=None)]
+    points += [dict(method="rome", block=b, lam=None, align_layers=None, centered=None)
+               for b in blocks]
+    points += [dict(method="steam-rome", block=b, lam=float(lam), align_layers=al, centered=c)
+               for b, lam, al, c in itertools.product(blocks, lams, aligns, centereds)]
     store = Store(tmp_path / "run", writer=True)
     try:
         n = 0
@@ -120,7 +120,7 @@ def _expected(rows: pd.DataFrame, sel: dict) -> dict:
         return d[METRICS].mean().to_numpy()
 
     steam = lookup(rows[rows.method == "steam-rome"], sorted(sel))
-    rome = lookup(rows[rows.method == "rome"], ["layer"] if "layer" in sel else [])
+    rome = lookup(rows[rows.method == "rome"], ["block"] if "block" in sel else [])
     unedited = rows[rows.method == "unedited"]
     return dict(lines={"unedited": line(unedited), "ROME": line(rome), "STEAM-ROME": line(steam)},
                 bars={"ROME": bars(rome), "STEAM-ROME": bars(steam)})
@@ -142,20 +142,20 @@ def _check(panel, rows, sel):
     assert len(panel.cos_fig.data) == 3 and len(panel.metrics_fig.data) == 2
 
 
-def test_layer_slider_moves_every_trace_notebook_04(tmp_path):
-    # notebook 04: the edited-layer slider used to move only the STEAM traces; the ROME
-    # line and bars kept the first layer's values
-    rows = _stored_rows(tmp_path, layers=[3, 7], lams=[50.0])
-    p = SweepExplorer(rows, axis="layer")
+def test_block_slider_moves_every_trace_notebook_04(tmp_path):
+    # notebook 04: the edited-block slider used to move only the STEAM traces; the ROME
+    # line and bars kept the first block's values
+    rows = _stored_rows(tmp_path, blocks=[3, 7], lams=[50.0])
+    p = SweepExplorer(rows, axis="block")
     assert list(p.slider.options) == [3, 7]
-    _check(p, rows, {"layer": 3})
-    for layer in (7, 3, 7):
-        p.slider.value = layer
-        _check(p, rows, {"layer": layer})
+    _check(p, rows, {"block": 3})
+    for block in (7, 3, 7):
+        p.slider.value = block
+        _check(p, rows, {"block": block})
 
 
 def test_lambda_slider_moves_every_trace_notebook_03(tmp_path):
-    rows = _stored_rows(tmp_path, layers=[5], lams=[10.0, 50.0])
+    rows = _stored_rows(tmp_path, blocks=[5], lams=[10.0, 50.0])
     p = SweepExplorer(rows, axis="lam")
     for lam in (50.0, 10.0):
         p.slider.value = lam
@@ -163,16 +163,16 @@ def test_lambda_slider_moves_every_trace_notebook_03(tmp_path):
 
 
 def test_every_control_selects_the_rows_of_every_trace(tmp_path):
-    # lambda x edited layer x alignment-layer set x centring, one skipped edit: whichever
+    # lambda x edited block x alignment-layer set x centring, one skipped edit: whichever
     # axis the slider has, every other grid column has a control, and every trace shows the
     # rows of the current value of every control
-    rows = _stored_rows(tmp_path, layers=[3, 7], lams=[10.0, 50.0],
+    rows = _stored_rows(tmp_path, blocks=[3, 7], lams=[10.0, 50.0],
                         aligns=("default", [8, 9]), centereds=(False, True),
-                        skipped_at=dict(method="steam-rome", layer=7, lam=50.0,
+                        skipped_at=dict(method="steam-rome", block=7, lam=50.0,
                                         align_layers=[8, 9], centered=True))
-    for axis in ("lam", "layer"):
+    for axis in ("lam", "block"):
         p = SweepExplorer(rows, axis=axis)
-        assert set(p.controls) == {"lam", "layer", "align_layers", "centered"}
+        assert set(p.controls) == {"lam", "block", "align_layers", "centered"}
         assert p.controls[axis] is p.slider and p.controls["align_layers"] is p.layer_set
         assert list(p.layer_set.options) == ["default", "[8, 9]"]
 
@@ -185,17 +185,17 @@ def test_every_control_selects_the_rows_of_every_trace(tmp_path):
                 w.value = v
                 _check(p, rows, sel())
         # each control ended at its last value: the grid point holding the skipped edit
-        assert sel() == dict(lam=50.0, layer=7, align_layers="[8, 9]", centered=True)
+        assert sel() == dict(lam=50.0, block=7, align_layers="[8, 9]", centered=True)
         assert "STEAM-ROME 3 (+1 skipped)" in p.counts.value
 
 
 def test_run_point_is_computed_at_the_selection_of_the_other_controls(tmp_path):
-    rows = _stored_rows(tmp_path, layers=[3, 7], lams=[10.0, 50.0],
+    rows = _stored_rows(tmp_path, blocks=[3, 7], lams=[10.0, 50.0],
                         aligns=("default", [8, 9]), centereds=(False, True))
     seen = []
 
     class HP:
-        layer = 3
+        block = 3
 
     class FakeRunner:
         hp = HP()
@@ -210,12 +210,12 @@ def test_run_point_is_computed_at_the_selection_of_the_other_controls(tmp_path):
         case_id = "x"
 
     p = SweepExplorer(rows, runner=FakeRunner(), requests=[Req()], axis="lam")
-    p.controls["layer"].value = 7
+    p.controls["block"].value = 7
     p.layer_set.value = "[8, 9]"
     p.controls["centered"].value = True
     p.new_value.value = 100.0
     p.run_button.click()
-    assert seen == [dict(method="steam-rome", layer=7, lam=100.0, align_layers=[8, 9],
+    assert seen == [dict(method="steam-rome", block=7, lam=100.0, align_layers=[8, 9],
                          centered=True)]
     assert p.slider.value == 100.0 and np.allclose(np.array(p.cos_fig.data[2].y), 0.9)
     _check(p, p.df, {c: w.value for c, w in p.controls.items()})
@@ -250,9 +250,9 @@ def test_the_explorer_and_sweep_figures_read_the_method_pair_from_the_registry(m
     for name in ("plain-toy", "aligned-toy"):
         monkeypatch.delitem(editors.REGISTRY, name, raising=False)
         monkeypatch.delitem(editors.DISPLAY, name, raising=False)
-    monkeypatch.setitem(editors.REGISTRY, "plain-toy", editors.Editor("plain-toy", axes=("layer",)))
+    monkeypatch.setitem(editors.REGISTRY, "plain-toy", editors.Editor("plain-toy", axes=("block",)))
     monkeypatch.setitem(editors.REGISTRY, "aligned-toy", editors.Editor(
-        "aligned-toy", axes=("layer", "lam"), base="plain-toy"))
+        "aligned-toy", axes=("block", "lam"), base="plain-toy"))
     rows = _rows()
     rows = rows[rows.method != "steam-rome"].copy()
     rows["method"] = rows.method.replace({"rome": "plain-toy"})

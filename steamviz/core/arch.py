@@ -25,12 +25,12 @@ from .memo import memo
 
 @dataclass(frozen=True)
 class Adapter:
-    """Module paths of one architecture (``{}`` stands for a layer index)."""
+    """Module paths of one architecture (``{}`` stands for a block index)."""
 
     model_type: str
     base: str  # the decoder stack (returns last hidden state, final norm applied)
     embed: str  # token embedding
-    layers: str  # ModuleList of blocks
+    blocks: str  # ModuleList of the decoder blocks
     mlp: str
     mlp_out: str  # ROME / MEMIT edited matrix
     attn: str
@@ -41,8 +41,8 @@ class Adapter:
     # "identity", "scale_sqrt_hidden" (Gemma), "add_wpe" (GPT-2 learned positions)
     embed_transform: str = "identity"
 
-    def layer(self, i: int) -> str:
-        return f"{self.layers}.{i}"
+    def block(self, i: int) -> str:
+        return f"{self.blocks}.{i}"
 
 
 def _llama_like(model_type: str, **kw) -> Adapter:
@@ -50,7 +50,7 @@ def _llama_like(model_type: str, **kw) -> Adapter:
         model_type=model_type,
         base="model",
         embed="model.embed_tokens",
-        layers="model.layers",
+        blocks="model.layers",
         mlp="model.layers.{}.mlp",
         mlp_out="model.layers.{}.mlp.down_proj",
         attn="model.layers.{}.self_attn",
@@ -64,7 +64,7 @@ def _llama_like(model_type: str, **kw) -> Adapter:
 def _gpt_like(model_type: str, mlp_out: str, **kw) -> Adapter:
     """GPT-2 / GPT-J layout: ``transformer.h.{i}``, the MLP's output projection ``mlp_out``."""
     return Adapter(model_type=model_type, base="transformer", embed="transformer.wte",
-                   layers="transformer.h", mlp="transformer.h.{}.mlp",
+                   blocks="transformer.h", mlp="transformer.h.{}.mlp",
                    mlp_out=f"transformer.h.{{}}.mlp.{mlp_out}", attn="transformer.h.{}.attn",
                    final_norm="transformer.ln_f", lm_head="lm_head", **kw)
 
@@ -83,7 +83,7 @@ ADAPTERS: dict[str, Adapter] = {
         model_type="gpt_neox",
         base="gpt_neox",
         embed="gpt_neox.embed_in",
-        layers="gpt_neox.layers",
+        blocks="gpt_neox.layers",
         mlp="gpt_neox.layers.{}.mlp",
         mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
         attn="gpt_neox.layers.{}.attention",
@@ -103,7 +103,7 @@ def adapter_for(model: nn.Module) -> Adapter:
             f"{sorted(ADAPTERS)}. Add an entry to steamviz.core.arch.ADAPTERS naming its modules."
         )
     ad = ADAPTERS[mt]
-    if mt == "gemma3" and not _has(model, ad.layers):
+    if mt == "gemma3" and not _has(model, ad.blocks):
         # multimodal Gemma 3 wraps the text stack one level deeper
         raise ValueError("Gemma 3 multimodal checkpoints are not supported; load the text model.")
     return ad
@@ -136,12 +136,12 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     return mod
 
 
-def n_layers(model: nn.Module) -> int:
-    return len(get_module(model, adapter_for(model).layers))
+def n_blocks(model: nn.Module) -> int:
+    return len(get_module(model, adapter_for(model).blocks))
 
 
-def layer_module(model: nn.Module, i: int) -> nn.Module:
-    return get_module(model, adapter_for(model).layers)[i]
+def block_module(model: nn.Module, i: int) -> nn.Module:
+    return get_module(model, adapter_for(model).blocks)[i]
 
 
 def mlp_out_module(model: nn.Module, i: int) -> nn.Module:
@@ -190,7 +190,7 @@ def block_input_to_embeds(
 
     With this, the stack can be run on a cached residual stream: truncate its block list
     and pass ``block_input_to_embeds(h)`` as ``inputs_embeds``
-    (see :func:`steamviz.core.forward.run_from_layer`).
+    (see :func:`steamviz.core.forward.run_from_block`).
     """
     ad = adapter_for(model)
     if ad.embed_transform == "identity":

@@ -1,4 +1,4 @@
-"""Forward passes steamviz needs: from a cached layer up, target log-probs, greedy text.
+"""Forward passes steamviz needs: from a cached block up, target log-probs, greedy text.
 
 >>> lp = target_logprobs(lm, ["The capital of France is"], [" Paris"])   # doctest: +SKIP
 >>> greedy(lm, ["The capital of France is"], max_new_tokens=3)         # doctest: +SKIP
@@ -18,16 +18,16 @@ from .tokens import encode, pad, token_ids
 
 
 @contextmanager
-def layers_from(model: nn.Module, start: int) -> Iterator[None]:
+def blocks_from(model: nn.Module, start: int) -> Iterator[None]:
     """Temporarily make the decoder stack hold only blocks ``start..`` (restored on exit).
 
-    Per-layer config lists (``config.layer_types``: sliding vs full attention) are shifted
+    Per-block config lists (``config.layer_types``: sliding vs full attention) are shifted
     the same way, so each block keeps its own attention type.
     """
     from .arch import adapter_for
 
     ad = adapter_for(model)
-    parent_path, _, attr = ad.layers.rpartition(".")
+    parent_path, _, attr = ad.blocks.rpartition(".")
     parent = get_module(model, parent_path) if parent_path else model
     orig = getattr(parent, attr)
     cfg = model.config
@@ -43,20 +43,20 @@ def layers_from(model: nn.Module, start: int) -> Iterator[None]:
             cfg.layer_types = orig_types
 
 
-def run_from_layer(
+def run_from_block(
     lm, hidden: torch.Tensor, start: int, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Run blocks ``start..`` on ``hidden`` (the residual stream entering block ``start``,
     ``[batch, seq, d]``) and return the stack's output (final norm applied) ``[batch, seq, d]``.
 
-    Equivalent to the full forward pass when ``hidden`` is the cached layer-``start``
+    Equivalent to the full forward pass when ``hidden`` is the cached ``start``-layer
     stream; lets an optimisation loop skip the blocks below an edit (tested per arch).
     """
     base = get_module(lm.model, lm.adapter.base)
     T = hidden.shape[1]
     pos = torch.arange(T, device=hidden.device)[None].expand(hidden.shape[0], T)
     emb = block_input_to_embeds(lm.model, hidden, pos)
-    with layers_from(lm.model, start):
+    with blocks_from(lm.model, start):
         out = base(inputs_embeds=emb, attention_mask=attention_mask, position_ids=pos,
                    use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

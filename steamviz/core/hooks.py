@@ -83,12 +83,12 @@ class Tap:
 
 
 def stream(lm, layer: int, keep: Callable[[Any], Any] | None = None) -> Tap:
-    """A :class:`Tap` on the residual stream at ``layer`` (``0..lm.n_layers``, capture
+    """A :class:`Tap` on the residual stream at ``layer`` (``0..lm.n_blocks``, capture
     numbering): the input of block 0 for ``layer`` 0, else the output of block ``layer - 1``."""
-    n = lm.n_layers
+    n = lm.n_blocks
     if not 0 <= int(layer) <= n:
         raise ValueError(f"layer {layer} out of range: this model has stream layers 0..{n}")
-    blocks = get_module(lm.model, lm.adapter.layers)
+    blocks = get_module(lm.model, lm.adapter.blocks)
     if layer == 0:
         return Tap(blocks[0], "input", keep)
     return Tap(blocks[int(layer) - 1], "output", keep)

@@ -67,7 +67,7 @@ def unsupported(model: nn.Module, start: int, length: int | None = None) -> str 
     if (getattr(cfg, "pretraining_tp", 1) or 1) != 1:
         return "pretraining_tp > 1"
     ad = adapter_for(model)
-    blocks = get_module(model, ad.layers)
+    blocks = get_module(model, ad.blocks)
     base = get_module(model, ad.base)
     if not hasattr(base, "rotary_emb"):
         return "no rotary module on the decoder stack"
@@ -160,7 +160,7 @@ class LeanStack:
         if why is not None:
             raise ValueError(f"the lean forward cannot run this model: {why}")
         ad = adapter_for(model)
-        blocks = list(get_module(model, ad.layers))[start:]
+        blocks = list(get_module(model, ad.blocks))[start:]
         self.start = start
         self.rotary = get_module(model, ad.base).rotary_emb
         self.gemma = model.config.model_type in GEMMA3
@@ -255,7 +255,7 @@ class LeanStack:
             tap: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Blocks ``start + first ..`` then the final norm; ``prefix_kv`` is indexed by
         absolute block. ``tap(layer, h)`` sees the stream *entering* block ``layer`` for
-        every layer after the first block run (``layer == n_layers``: the last block's
+        every layer after the first block run (``layer == n_blocks``: the last block's
         output, before the norm)."""
         for j in range(first, len(self.blocks)):
             i = self.start + j

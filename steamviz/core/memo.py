@@ -27,7 +27,7 @@ KNOWN = {
     "metrics.idf": "the IDF fitted on WikiText, per corpus",
     "rome.prepared": "ROME's prepared rows (prefix caches, keys) per request",
     "rome.v": "ROME / STEAM target vectors per (model, request, hyperparameters, objective)",
-    "rome.cinv": "inverse key second moments per (model, layer)",
+    "rome.cinv": "inverse key second moments per (model, block)",
 }
 _ALL: dict[str, dict] = {}
 

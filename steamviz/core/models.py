@@ -7,7 +7,7 @@ to fp32 and writes a safetensors cache (atomically, with a checksum manifest ver
 every read); later loads take seconds.
 
 >>> lm = load_model()                        # doctest: +SKIP
->>> lm.n_layers, lm.d_model                  # doctest: +SKIP
+>>> lm.n_blocks, lm.d_model                  # doctest: +SKIP
 (30, 576)
 >>> lm = load_model("gpt2-xl", device="cuda")  # any HF causal LM on disk  # doctest: +SKIP
 
@@ -87,8 +87,8 @@ class LM:
         return next(self.model.parameters()).device
 
     @property
-    def n_layers(self) -> int:
-        return len(get_module(self.model, self.adapter.layers))
+    def n_blocks(self) -> int:
+        return len(get_module(self.model, self.adapter.blocks))
 
     @property
     def d_model(self) -> int:
@@ -96,7 +96,7 @@ class LM:
 
     def __repr__(self) -> str:
         return (
-            f"LM({self.name!r}, {self.model.config.model_type}, layers={self.n_layers}, "
+            f"LM({self.name!r}, {self.model.config.model_type}, blocks={self.n_blocks}, "
             f"d_model={self.d_model}, device={self.device}, fingerprint={self.fingerprint[:12]})"
         )
 

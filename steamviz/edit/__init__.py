@@ -8,7 +8,7 @@
 - ``rome_prepare``     ROME's shared work per request: context rows, prefix caches, keys
 - ``vstar``            ROME's target vector v* (one or many objectives at once)
 - ``steam``            STEAM-ROME: v* plus the latent alignment term
-- ``memit``            MEMIT: many edits over a range of layers (and STEAM-MEMIT)
+- ``memit``            MEMIT: many edits over a range of blocks (and STEAM-MEMIT)
 - ``sake``             SAKE: steering activations with a fitted transport map
 - ``sake_fit``         SAKE's fit: source and target states, the transport map
 - ``sake_hparams``     SAKE's hyperparameters

@@ -49,7 +49,7 @@ Design choices (what the paper leaves open for single counterfactual edits):
   at the step budget still moving an in-relation negative (``docs/results.md#baft``).
 - **Speed:** the stream leaving the first intervened block is computed once (it does not
   depend on the intervention) and each Adam step runs only the blocks above it
-  (:func:`steamviz.core.forward.run_from_layer`). Training stops early once
+  (:func:`steamviz.core.forward.run_from_block`). Training stops early once
   ``nll + loc_factor * kl < early_stop_loss``.
 
 Defaults for SmolLM2-135M (tuned on the first five requests of the default edit set, so
@@ -71,11 +71,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.arch import get_module, layer_module, lm_head_logits
+from ..core.arch import get_module, block_module, lm_head_logits
 from ..core.hooks import first_tensor, hooks, read, stream
 from ..core.context import context_templates
 from .edits import Edit
-from ..core.forward import run_from_layer, space
+from ..core.forward import run_from_block, space
 from .hparams import Hparams
 from ..data.requests import EditRequest
 from ..core.tokens import pad, token_ids
@@ -99,9 +99,11 @@ DISTRACTORS = (
 
 @dataclass
 class BaFTHparams(Hparams):
-    """BaFT hyperparameters. ``layers``: decoder blocks whose *output* is intervened on."""
+    """BaFT hyperparameters. ``blocks``: decoder blocks whose *output* is intervened on."""
 
-    layers: tuple = (6,)
+    RENAMED = {"layers": "blocks"}
+
+    blocks: tuple = (6,)
     rank: int = 4
     steps: int = 40
     lr: float = 4e-3
@@ -119,13 +121,13 @@ class BaFTHparams(Hparams):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.layers = tuple(int(x) for x in self.layers)
+        self.blocks = tuple(int(x) for x in self.blocks)
         self.context_template_length_params = tuple(
             tuple(int(v) for v in x) for x in self.context_template_length_params)
         self.loc_prompts = tuple(self.loc_prompts)
         self.kl_prompts = tuple(self.kl_prompts)
-        if not self.layers or list(self.layers) != sorted(set(self.layers)):
-            raise ValueError(f"layers must be increasing and distinct, got {self.layers}")
+        if not self.blocks or list(self.blocks) != sorted(set(self.blocks)):
+            raise ValueError(f"blocks must be increasing and distinct, got {self.blocks}")
         if self.loc_positions not in ("all", "last"):
             raise ValueError(f"loc_positions must be 'all' or 'last', got {self.loc_positions!r}")
         if self.rank < 1 or self.steps < 1 or self.lr <= 0:
@@ -137,14 +139,14 @@ class BaFTHparams(Hparams):
         name = cls.model_name(lm_or_name)
         if name in MODEL_DEFAULTS:
             return cls(**MODEL_DEFAULTS[name])
-        n = getattr(lm_or_name, "n_layers", None)
+        n = getattr(lm_or_name, "n_blocks", None)
         if n is None:
             return cls()
-        return cls(layers=(min(n - 1, max(0, round(n * 0.2))),))
+        return cls(blocks=(min(n - 1, max(0, round(n * 0.2))),))
 
 
 MODEL_DEFAULTS: dict[str, dict] = {
-    "smollm2-135m": dict(layers=(6,)),
+    "smollm2-135m": dict(blocks=(6,)),
 }
 
 
@@ -198,7 +200,7 @@ class BasisIntervention(nn.Module):
 
 @dataclass
 class Rows:
-    """One right-padded batch and the stream leaving block ``layers[0]`` for it."""
+    """One right-padded batch and the stream leaving block ``blocks[0]`` for it."""
 
     input_ids: torch.Tensor  # [rows, T]
     attention_mask: torch.Tensor  # [rows, T]
@@ -248,28 +250,28 @@ def _distractor_prompts(request: EditRequest, n: int, seed: int) -> list[str]:
 
 
 @torch.no_grad()
-def _stream_after(lm, layer: int, input_ids, attention_mask) -> torch.Tensor:
-    """Residual stream leaving block ``layer`` (``[rows, T, d]``); stops the pass there."""
-    return read(lm, input_ids, attention_mask, {"h": stream(lm, layer + 1)})[0]["h"]
+def _stream_after(lm, block: int, input_ids, attention_mask) -> torch.Tensor:
+    """Residual stream leaving block ``block`` (``[rows, T, d]``); stops the pass there."""
+    return read(lm, input_ids, attention_mask, {"h": stream(lm, block + 1)})[0]["h"]
 
 
-def _rows(lm, seqs: list[list[int]], layer: int) -> Rows:
+def _rows(lm, seqs: list[list[int]], block: int) -> Rows:
     b = pad(seqs, lm.tok.pad_token_id, lm.device)
-    return Rows(b.input_ids, b.attention_mask, _stream_after(lm, layer, b.input_ids, b.attention_mask))
+    return Rows(b.input_ids, b.attention_mask, _stream_after(lm, block, b.input_ids, b.attention_mask))
 
 
 def _run(lm, ivs: dict, first: int, rows: Rows) -> torch.Tensor:
     """Stack output (final norm applied) ``[rows, T, d]`` with the first intervention applied
     to the cached stream; interventions on later blocks act through hooks."""
-    return run_from_layer(lm, ivs[first](rows.h0) if ivs else rows.h0, first + 1,
+    return run_from_block(lm, ivs[first](rows.h0) if ivs else rows.h0, first + 1,
                           rows.attention_mask)
 
 
 def prepare(lm, request: EditRequest, hp: BaFTHparams) -> TrainingBatches:
     """Build the training batches, cache the stream below the edit and the KL reference."""
-    bad = [x for x in hp.layers if not 0 <= x < lm.n_layers]
+    bad = [x for x in hp.blocks if not 0 <= x < lm.n_blocks]
     if bad:
-        raise ValueError(f"layers {bad} out of range: this model has blocks 0..{lm.n_layers - 1}")
+        raise ValueError(f"blocks {bad} out of range: this model has blocks 0..{lm.n_blocks - 1}")
     t0 = time.perf_counter()
     contexts = context_templates(lm, hp.context_template_length_params, seed=hp.seed)
     rewrite = [c.format(request.rewrite_prompt) for c in contexts]
@@ -301,7 +303,7 @@ def prepare(lm, request: EditRequest, hp: BaFTHparams) -> TrainingBatches:
             loc_pos.append(p)
             loc_w.append(1.0 / (len(positions) * len(loc)))
         loc_seqs.append(ids)
-    first = hp.layers[0]
+    first = hp.blocks[0]
     t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=lm.device)  # noqa: E731
     prep = TrainingBatches(
         request=request, hp=hp, contexts=contexts, loc_prompts=loc,
@@ -338,7 +340,7 @@ def train(lm, prep: TrainingBatches, hp: BaFTHparams | None = None) -> tuple[dic
     model, dev = lm.model, lm.device
     g = torch.Generator(device="cpu").manual_seed(hp.seed)
     ivs = {
-        L: BasisIntervention(lm.d_model, hp.rank, g, hp.gate_bias).to(dev) for L in hp.layers
+        B: BasisIntervention(lm.d_model, hp.rank, g, hp.gate_bias).to(dev) for B in hp.blocks
     }
     groups = [
         dict(params=[p for iv in ivs.values() for p in iv.gate.parameters()],
@@ -347,15 +349,15 @@ def train(lm, prep: TrainingBatches, hp: BaFTHparams | None = None) -> tuple[dic
                      if not n.startswith("gate.")]),
     ]
     opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-    first, rest = hp.layers[0], hp.layers[1:]
+    first, rest = hp.blocks[0], hp.blocks[1:]
     gates: dict[int, torch.Tensor] = {}
 
-    def gated(L):
-        iv = ivs[L]
+    def gated(B):
+        iv = ivs[B]
 
         def fn(m, args, out):
             h = first_tensor(out)
-            gates[L] = iv.weights(h)
+            gates[B] = iv.weights(h)
             new = iv(h)
             return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
@@ -363,13 +365,13 @@ def train(lm, prep: TrainingBatches, hp: BaFTHparams | None = None) -> tuple[dic
 
     def gate_mean(rows: Rows) -> torch.Tensor:
         m = rows.attention_mask.float()[..., None]
-        return torch.stack([(gates[L] * m).sum() / (m.sum() * hp.rank) for L in hp.layers]).mean()
+        return torch.stack([(gates[B] * m).sum() / (m.sum() * hp.rank) for B in hp.blocks]).mean()
 
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     losses, steps = [], 0
     try:
-        with hooks([layer_module(model, L).register_forward_hook(gated(L)) for L in rest]):
+        with hooks([block_module(model, B).register_forward_hook(gated(B)) for B in rest]):
             for it in range(hp.steps):
                 opt.zero_grad()
                 gates[first] = ivs[first].weights(prep.rw.h0)
@@ -404,8 +406,8 @@ def train(lm, prep: TrainingBatches, hp: BaFTHparams | None = None) -> tuple[dic
 @torch.no_grad()
 def locality_kl(lm, prep: TrainingBatches, ivs: dict) -> list[float]:
     """Per locality prompt, mean over its tokens of KL(unedited || edited) next-token."""
-    first, rest = prep.hp.layers[0], [L for L in ivs if L != prep.hp.layers[0]]
-    with hooks([layer_module(lm.model, L).register_forward_hook(_hook(ivs[L])) for L in rest]):
+    first, rest = prep.hp.blocks[0], [B for B in ivs if B != prep.hp.blocks[0]]
+    with hooks([block_module(lm.model, B).register_forward_hook(_hook(ivs[B])) for B in rest]):
         h = _run(lm, ivs, first, prep.loc)
     lp = lm_head_logits(lm.model, h[prep.loc_rows, prep.loc_pos]).float().log_softmax(-1)
     kl_tok = (prep.loc_logp.exp() * (prep.loc_logp - lp)).sum(-1)
@@ -427,8 +429,8 @@ class BaFTEdit(Edit):
         self.interventions = interventions
 
     def install(self, lm) -> "BaFTEdit":
-        for L, iv in self.interventions.items():
-            handle = layer_module(lm.model, L).register_forward_hook(_hook(iv))
+        for B, iv in self.interventions.items():
+            handle = block_module(lm.model, B).register_forward_hook(_hook(iv))
             self.on_restore(handle.remove)
         return self
 
@@ -440,10 +442,10 @@ class BaFTEdit(Edit):
         b = encode(lm, list(prompts))
         got: dict[int, torch.Tensor] = {}
         handles = [
-            layer_module(lm.model, L).register_forward_hook(
-                lambda m, a, o, L=L, iv=iv: got.__setitem__(L, iv.weights(first_tensor(o))),
+            block_module(lm.model, B).register_forward_hook(
+                lambda m, a, o, B=B, iv=iv: got.__setitem__(B, iv.weights(first_tensor(o))),
                 prepend=True)  # before the edit's own hook: w of the block's output
-            for L, iv in self.interventions.items()
+            for B, iv in self.interventions.items()
         ]
         base = get_module(lm.model, lm.adapter.base)
         with hooks(handles), torch.no_grad():
@@ -460,7 +462,7 @@ def apply(lm, request: EditRequest | dict, hparams: BaFTHparams | None = None) -
     prep = prepare(lm, request, hp)
     ivs, losses, steps, secs = train(lm, prep, hp)
     info = dict(
-        request=request.to_dict(), hparams=hp.to_dict(), layers=list(hp.layers), rank=hp.rank,
+        request=request.to_dict(), hparams=hp.to_dict(), blocks=list(hp.blocks), rank=hp.rank,
         steps=steps, losses=losses, n_params=sum(p.numel() for iv in ivs.values()
                                                   for p in iv.parameters()),
         loc_prompts=prep.loc_prompts, loc_kl=locality_kl(lm, prep, ivs),
@@ -476,11 +478,11 @@ def apply(lm, request: EditRequest | dict, hparams: BaFTHparams | None = None) -
 def _register() -> None:
     from .editors import register
 
-    @register("baft", params=BaFTHparams, extra=("layer",))
-    def _baft(lm, request, hparams=None, layer: int | None = None, **hp):
+    @register("baft", params=BaFTHparams, extra=("block",))
+    def _baft(lm, request, hparams=None, block: int | None = None, **hp):
         base = hparams if isinstance(hparams, BaFTHparams) else BaFTHparams.for_model(lm)
-        if layer is not None:
-            hp["layers"] = (layer,)
+        if block is not None:
+            hp["blocks"] = (block,)
         return apply(lm, request, base.replace(**hp) if hp else base)
 
 

@@ -19,11 +19,11 @@ How figures and panels show a method -- its label and colour -- is the method's 
 Display(label='STEAM-ROME', color='#0072B2', short='STEAM')
 
 Everything the registry knows of a method -- batch or not, hyperparameter class, the grid
-axes a sweep gives it (``register(..., axes=("layer", "lam"))``) and its display row -- is
+axes a sweep gives it (``register(..., axes=("block", "lam"))``) and its display row -- is
 its :func:`spec`:
 
 >>> spec("steam-memit").axes                             # doctest: +SKIP
-('layer', 'lam', 'batch')
+('block', 'lam', 'batch')
 """
 
 from __future__ import annotations
@@ -113,10 +113,10 @@ def ordered_points(points) -> list:
     return sorted(points, key=key)
 
 
-#: the grid axes a sweep can give a method: the edited block (``layer``), the alignment
+#: the grid axes a sweep can give a method: the edited block (``block``), the alignment
 #: strength with its alignment layers and centring (``lam``), the requests edited at once
 #: (``batch``; batch editors only)
-AXES = ("layer", "lam", "batch")
+AXES = ("block", "lam", "batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +188,11 @@ def aligned(names) -> tuple[str, str | None] | None:
     return (ordered[0], spec(ordered[0]).base) if ordered else None
 
 
-#: hyperparameter fields that name blocks (checked against the model's depth)
-LAYER_FIELDS = ("layer", "layers", "subject_layer", "query_layer")
+#: parameters that name decoder blocks (``0 .. n_blocks - 1``) and residual-stream layers
+#: (``0 .. n_blocks``: STEAM's alignment layers, SAKE's gates), checked against the model's
+#: depth
+BLOCK_FIELDS = ("block", "blocks")
+LAYER_FIELDS = ("layers", "subject_layer", "query_layer")
 
 
 def register(name: str, batch: bool = False, params: type | None = None, extra: tuple = (),
@@ -248,21 +251,24 @@ def _type_ok(annotation: str, v) -> bool:
     return any(checks.get(k, lambda x: True)(v) for k in kinds)
 
 
-def _blocks_wrong(key: str, v, n_layers: int | None) -> str | None:
-    """Why ``v`` (a block index or a list of them) is not a block of an ``n_layers`` model."""
-    if v is None or n_layers is None:
+def _index_wrong(key: str, v, n_blocks: int | None) -> str | None:
+    """Why ``v`` (an index or a list of them) is not a block (``key`` in
+    :data:`BLOCK_FIELDS`) or a stream layer (else) of an ``n_blocks`` model."""
+    if v is None or n_blocks is None:
         return None
+    top = n_blocks - 1 if key in BLOCK_FIELDS else n_blocks
     idx = list(v) if isinstance(v, (list, tuple)) else [v]
-    if idx and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_layers
+    if idx and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= top
                    for i in idx):
         return None
-    return (f"{key}={v!r}: block indices must lie in 0..{n_layers - 1} (the model has "
-            f"{n_layers} blocks)")
+    what = "block indices" if key in BLOCK_FIELDS else "stream layers"
+    return (f"{key}={v!r}: {what} must lie in 0..{top} (the model has {n_blocks} blocks, "
+            f"{n_blocks + 1} stream layers)")
 
 
-def check_fields(cls: type, params: dict, label: str, n_layers: int | None = None) -> str | None:
+def check_fields(cls: type, params: dict, label: str, n_blocks: int | None = None) -> str | None:
     """Why ``params`` (field -> value) cannot be applied to the dataclass ``cls``: an unknown
-    name, a value of the wrong type, a block index outside ``0 .. n_layers - 1``; or None.
+    name, a value of the wrong type, a block index outside ``0 .. n_blocks - 1``; or None.
     The message names the field and the fix."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k, v in params.items():
@@ -272,8 +278,8 @@ def check_fields(cls: type, params: dict, label: str, n_layers: int | None = Non
         default = f.default if f.default is not dataclasses.MISSING else None
         if not _type_ok(f.type, v):
             return f"{k} takes a value of the type of its default {default!r} ({f.type}), got {v!r}"
-        if k in LAYER_FIELDS and _blocks_wrong(k, v, n_layers):
-            return _blocks_wrong(k, v, n_layers)
+        if k in BLOCK_FIELDS + LAYER_FIELDS and _index_wrong(k, v, n_blocks):
+            return _index_wrong(k, v, n_blocks)
     try:
         cls().replace(**params) if hasattr(cls, "replace") else cls(**params)
     except (TypeError, ValueError) as e:
@@ -281,9 +287,9 @@ def check_fields(cls: type, params: dict, label: str, n_layers: int | None = Non
     return None
 
 
-def check_params(method: str, params: dict, n_layers: int | None = None) -> str | None:
+def check_params(method: str, params: dict, n_blocks: int | None = None) -> str | None:
     """Why keyword ``params`` cannot go to editor ``method`` (see :func:`check_fields`);
-    None when they can. Grid arguments (``layer``, ``lam``...) are the method's ``extra``.
+    None when they can. Grid arguments (``block``, ``lam``...) are the method's ``extra``.
 
     >>> check_params("rome", {"v_num_grad_steps": "abc"})  # doctest: +ELLIPSIS
     "v_num_grad_steps takes a value of the type of its default 25 (int), got 'abc'"
@@ -296,10 +302,10 @@ def check_params(method: str, params: dict, n_layers: int | None = None) -> str 
         return None  # a user's method without a declared hyperparameter class
     cls, extra = row.params, row.extra
     why = check_fields(cls, {k: v for k, v in params.items() if k not in extra}, method.upper(),
-                       n_layers)
-    for k in LAYER_FIELDS:  # grid arguments naming blocks (edited layer, alignment layers)
+                       n_blocks)
+    for k in BLOCK_FIELDS + LAYER_FIELDS:  # grid arguments (edited block, alignment layers)
         if why is None and k in extra:
-            why = _blocks_wrong(k, params.get(k), n_layers)
+            why = _index_wrong(k, params.get(k), n_blocks)
     return why
 
 
@@ -338,13 +344,13 @@ def load_builtin() -> None:
 def _register_builtin() -> None:
     from . import rome
 
-    @register("rome", params=rome.ROMEHparams, axes=("layer",), vstar=True)
-    def _rome(lm, request, layer: int | None = None, hparams=None, **hp):
+    @register("rome", params=rome.ROMEHparams, axes=("block",), vstar=True)
+    def _rome(lm, request, block: int | None = None, hparams=None, **hp):
         hparams = hparams or rome.ROMEHparams.for_model(lm)
-        if layer is not None:
-            hp["layer"] = layer
+        if block is not None:
+            hp["block"] = block
         if hp:
-            why = check_fields(rome.ROMEHparams, hp, "ROME", lm.n_layers)
+            why = check_fields(rome.ROMEHparams, hp, "ROME", lm.n_blocks)
             if why:
                 raise ValueError(why)
             hparams = hparams.replace(**hp)

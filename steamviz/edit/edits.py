@@ -126,8 +126,8 @@ class WeightEdit(Edit):
     def _push(self, name: str, p: torch.Tensor, op: tuple) -> None:
         stack = _weight_stack(self.model)
         if name not in stack:
-            stack[name] = dict(base=p.detach().clone(), layers=[])
-        stack[name]["layers"].append((id(self), *op))
+            stack[name] = dict(base=p.detach().clone(), ops=[])
+        stack[name]["ops"].append((id(self), *op))
         _apply(p, *op)
         if name not in self._touched:
             self._touched.add(name)
@@ -137,12 +137,12 @@ class WeightEdit(Edit):
         stack = _weight_stack(self.model)
         entry = stack[name]
         p = dict(self.model.named_parameters())[name]
-        entry["layers"] = [x for x in entry["layers"] if x[0] != id(self)]
+        entry["ops"] = [x for x in entry["ops"] if x[0] != id(self)]
         with torch.no_grad():
             p.data.copy_(entry["base"])
-            for _, *op in entry["layers"]:
+            for _, *op in entry["ops"]:
                 _apply(p, *op)
-        if not entry["layers"]:
+        if not entry["ops"]:
             del stack[name]
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -164,7 +164,7 @@ def provenance(model: nn.Module) -> dict:
 
 
 def _weight_stack(model: nn.Module) -> dict:
-    """``{param name: {"base": value before its first active edit, "layers": [(edit id,
+    """``{param name: {"base": value before its first active edit, "ops": [(edit id,
     delta, index), ...]}}`` of the active weight edits of ``model``."""
     st = getattr(model, "_steamviz_weight_stack", None)
     if st is None:

@@ -4,15 +4,21 @@ A subclass is a ``@dataclass`` of fields with defaults; the base gives it ``repl
 (``dataclasses.replace`` that names an unknown field), ``to_dict``, ``from_dict`` /
 ``from_yaml`` and the ``for_model`` hook (per-model defaults; here the class's defaults).
 
->>> ROMEHparams().replace(layr=3)                       # doctest: +SKIP
-TypeError: unknown ROME parameter 'layr'; fields of ROMEHparams: ['layer', ...]
+>>> ROMEHparams().replace(blok=3)                       # doctest: +SKIP
+TypeError: unknown ROME parameter 'blok'; fields of ROMEHparams: ['block', ...]
+
+Vocabulary: ``block`` / ``blocks`` are decoder-block indices (``0 .. n_blocks - 1``: where an
+edit goes); ``layer`` / ``layers`` are residual-stream indices (``0 .. n_blocks``, capture's
+numbering: layer ``l`` leaves block ``l - 1``). A field renamed to follow it is listed in the
+class's ``RENAMED``: mappings (YAML files, stored configs) by the old name are still read, and a
+keyword argument by the old name is an error naming the new one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 H = TypeVar("H", bound="Hparams")
 
@@ -23,12 +29,31 @@ def unknown_field(cls: type, name: str, label: str) -> str | None:
     fields = [f.name for f in dataclasses.fields(cls)]
     if name in fields:
         return None
+    new = getattr(cls, "RENAMED", {}).get(name)
+    if new:
+        return (f"unknown {label} parameter {name!r}: it is {new!r} now ({BLOCK_VS_LAYER}); "
+                f"fields of {cls.__name__}: {fields}")
     return f"unknown {label} parameter {name!r}; fields of {cls.__name__}: {fields}"
+
+
+#: the vocabulary, in one line for messages
+BLOCK_VS_LAYER = ("'block'/'blocks' are decoder-block indices, 'layer'/'layers' residual-stream "
+                  "indices")
+
+
+def renamed(cls: type, d: dict) -> dict:
+    """``d`` with the old names of ``cls``'s renamed fields (its ``RENAMED``) replaced by the
+    new ones: how stored mappings written before a rename are read."""
+    old = getattr(cls, "RENAMED", {})
+    return {old.get(k, k) if old.get(k) not in d else k: v for k, v in d.items()}
 
 
 class Hparams:
     """Base of a hyperparameter ``@dataclass``; its label in messages is the class name
-    without ``Hparams`` ("BaFT")."""
+    without ``Hparams`` ("BaFT"). ``RENAMED``: old field name -> new one (see the module
+    docstring)."""
+
+    RENAMED: ClassVar[dict] = {}
 
     def replace(self: H, **kw) -> H:
         """A copy with ``kw`` changed (``dataclasses.replace``: ``__post_init__`` checks the
@@ -51,10 +76,11 @@ class Hparams:
 
     @classmethod
     def from_dict(cls: type[H], d: dict, source: str = "hparams") -> H:
-        """From a mapping of field values (ROME and MEMIT read EasyEdit's keys instead)."""
+        """From a mapping of field values, old names of renamed fields included (ROME and
+        MEMIT read EasyEdit's keys instead)."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: hparams must be a mapping, got {type(d).__name__}")
-        return cls().replace(**d)
+        return cls().replace(**renamed(cls, d))
 
     @classmethod
     def from_yaml(cls: type[H], path, **kw) -> H:

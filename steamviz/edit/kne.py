@@ -3,10 +3,10 @@
 >>> from steamviz import kne
 >>> edit = kne.apply(lm, request)                      # one undoable KNEEdit  # doctest: +SKIP
 >>> edit.info["ensemble_size"], edit.info["ensemble_fraction"]               # doctest: +SKIP
->>> edit = editors.edit(lm, request, "kne", fraction=0.005, layer_span=1.0)   # doctest: +SKIP
+>>> edit = editors.edit(lm, request, "kne", fraction=0.005, block_span=1.0)   # doctest: +SKIP
 >>> edit.restore()                      # bitwise the original weights   # doctest: +SKIP
 
-How it works (the feed-forward weight matrices ``W`` of the attributed layers):
+How it works (the feed-forward weight matrices ``W`` of the attributed blocks):
 
 1. **Attribution** by integrated gradients over the weights: all attributed matrices are
    scaled jointly by ``alpha`` (``ig_steps`` Riemann midpoints of ``[0, 1]``) and the
@@ -15,7 +15,7 @@ How it works (the feed-forward weight matrices ``W`` of the attributed layers):
    *suppresses* the target matters for the edit as much as one that promotes it;
    ``signed=True`` keeps only promoting entries). All alphas run as one batch through
    forward hooks (no weight copies; :func:`attribute_reference` is the plain version).
-2. **Ensemble**: one global threshold over every attributed entry of every layer keeps the
+2. **Ensemble**: one global threshold over every attributed entry of every block keeps the
    top ``fraction`` (1 % by default) — :func:`select_top` (``torch.kthvalue`` after a
    sampled pre-filter, exact tie-breaking: ``torch.quantile`` refuses > 16M elements and
    SmolLM2 has 30 x 3 x 576 x 1536 = 80M FFN entries).
@@ -43,10 +43,10 @@ against paraphrase; the scores and commands: ``docs/results.md#kne``):
   subject's tokens (weight gradient summed over those positions), so the ensemble holds
   entries that act *on the subject*; ``"all"`` (the plain full gradient) picks entries
   that move the relation's answer for every subject (the neighborhood prompts flip too).
-- ``layer_span=1/3``: the first third of the blocks (0-9 of 30), where MLPs build the
-  subject's representation (ROME's causal traces); all 30 layers (the paper's setting,
-  ``layer_span=1.0``) let the optimiser find generic late-layer shortcuts (neighborhood
-  improves with early layers, and more with subject attribution on top).
+- ``block_span=1/3``: the first third of the blocks (0-9 of 30), where MLPs build the
+  subject's representation (ROME's causal traces); all 30 blocks (the paper's setting,
+  ``block_span=1.0``) let the optimiser find generic late-block shortcuts (neighborhood
+  improves with early blocks, and more with subject attribution on top).
 - ``early_stop_loss=0.2`` (mean P(target) ~ 0.8 over the contexts): enough for efficacy,
   less collateral than 0.05 and half the steps, at a small cost in paraphrase.
 - The subject's tokens are located from the template's ``{}`` slot
@@ -55,7 +55,7 @@ against paraphrase; the scores and commands: ``docs/results.md#kne``):
 - The attribution prompt is the bare rewrite prompt (the model's start tokens first) with
   the *new* target (``attr_target="new"``); ``"true"`` attributes the old answer instead
   (the knowledge-neuron reading), which needs ``request.target_true``.
-- ``info["per_layer"]``: ensemble entries per layer, their fraction of the layer's FFN
+- ``info["per_block"]``: ensemble entries per block, their fraction of the block's FFN
   entries, and ``neurons``: distinct intermediate units (rows of the input projections,
   columns of the output projection in ``[out, in]`` terms) with at least one selected entry.
 
@@ -90,15 +90,17 @@ from .kne_attribution import (  # noqa: F401 (re-exported)
 class KNEHparams(Hparams):
     """KNE hyperparameters.
 
-    ``layers``: the blocks whose FFN weights are attributed; ``None`` = the first
-    ``layer_span`` of the blocks (``max(1, round(n_layers * layer_span))`` of them).
-    ``layer_span=1.0`` (or ``layers=range(n)``) attributes every layer, as the paper.
+    ``blocks``: the blocks whose FFN weights are attributed; ``None`` = the first
+    ``block_span`` of the blocks (``max(1, round(n_blocks * block_span))`` of them).
+    ``block_span=1.0`` (or ``blocks=range(n)``) attributes every block, as the paper.
     """
+
+    RENAMED = {"layers": "blocks", "layer_span": "block_span"}
 
     fraction: float = 0.01  # of all attributed FFN entries, one global threshold
     matrices: str = "all"  # "all" | "out" | "in"
-    layers: tuple | None = None
-    layer_span: float = 1 / 3
+    blocks: tuple | None = None
+    block_span: float = 1 / 3
     ig_steps: int = 16  # integrated-gradient Riemann midpoints
     attr_target: str = "new"  # "new" | "true"
     attr_positions: str = "subject"  # "subject" | "all": gradient through these tokens only
@@ -116,12 +118,12 @@ class KNEHparams(Hparams):
         self.context_template_length_params = tuple(
             tuple(int(v) for v in x) for x in self.context_template_length_params)
         self.kl_prompts = tuple(self.kl_prompts)
-        if self.layers is not None:
-            self.layers = tuple(int(x) for x in self.layers)
-            if not self.layers:
-                raise ValueError("layers must be None or a non-empty list of layers")
-        if not 0 < self.layer_span <= 1:
-            raise ValueError(f"layer_span must be in (0, 1], got {self.layer_span}")
+        if self.blocks is not None:
+            self.blocks = tuple(int(x) for x in self.blocks)
+            if not self.blocks:
+                raise ValueError("blocks must be None or a non-empty list of block indices")
+        if not 0 < self.block_span <= 1:
+            raise ValueError(f"block_span must be in (0, 1], got {self.block_span}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.matrices not in ("all", "out", "in"):
@@ -133,10 +135,10 @@ class KNEHparams(Hparams):
         if self.ig_steps < 1 or self.steps < 1 or self.lr <= 0:
             raise ValueError("ig_steps and steps must be >= 1 and lr > 0")
 
-    def resolve_layers(self, n_layers: int) -> tuple:
-        if self.layers is not None:
-            return self.layers
-        return tuple(range(max(1, round(n_layers * self.layer_span))))
+    def resolve_blocks(self, n_blocks: int) -> tuple:
+        if self.blocks is not None:
+            return self.blocks
+        return tuple(range(max(1, round(n_blocks * self.block_span))))
 
     @classmethod
     def for_model(cls, lm_or_name) -> "KNEHparams":
@@ -188,16 +190,16 @@ class KNEEdit(WeightEdit):
 
 
 # -- which matrices ---------------------------------------------------------------------------
-def ffn_weights(lm, matrices: str = "all", layers: Sequence[int] | None = None
+def ffn_weights(lm, matrices: str = "all", blocks: Sequence[int] | None = None
                 ) -> dict[str, torch.nn.Parameter]:
-    """``{full parameter name: weight}`` of the MLP matrices KNE attributes, layer by layer."""
+    """``{full parameter name: weight}`` of the MLP matrices KNE attributes, block by block."""
     ad = lm.adapter
-    layers = range(lm.n_layers) if layers is None else layers
-    bad = [x for x in layers if not 0 <= x < lm.n_layers]
+    blocks = range(lm.n_blocks) if blocks is None else blocks
+    bad = [x for x in blocks if not 0 <= x < lm.n_blocks]
     if bad:
-        raise ValueError(f"layers {bad} out of range: this model has blocks 0..{lm.n_layers - 1}")
+        raise ValueError(f"blocks {bad} out of range: this model has blocks 0..{lm.n_blocks - 1}")
     out = {}
-    for i in layers:
+    for i in blocks:
         mlp_path = ad.mlp.format(i)
         out_path = ad.mlp_out.format(i)
         mlp = get_module(lm.model, mlp_path)
@@ -212,8 +214,8 @@ def ffn_weights(lm, matrices: str = "all", layers: Sequence[int] | None = None
     return out
 
 
-def _layer_of(lm, name: str) -> int:
-    prefix = lm.adapter.layers + "."
+def _block_of(lm, name: str) -> int:
+    prefix = lm.adapter.blocks + "."
     return int(name[len(prefix):].split(".")[0])
 
 
@@ -292,14 +294,14 @@ def apply(lm, request: EditRequest | dict, hparams: KNEHparams | None = None,
     ``attr_tokens`` (``[first, last]`` token indices, start tokens counted, of the subject the
     attribution goes through, located from the template's slot; ``None`` for
     ``attr_positions="all"``),
-    ``n_entries`` (all attributed entries), ``per_layer`` (``layer, entries, fraction,
+    ``n_entries`` (all attributed entries), ``per_block`` (``block, entries, fraction,
     neurons``), ``losses``, ``steps``, ``seconds_attr``, ``seconds_opt``, ``seconds``.
     """
     if isinstance(request, dict):
         request = EditRequest.from_dict(request)
     hp = hparams or KNEHparams.for_model(lm)
     t0 = time.perf_counter()
-    weights = ffn_weights(lm, hp.matrices, hp.resolve_layers(lm.n_layers))
+    weights = ffn_weights(lm, hp.matrices, hp.resolve_blocks(lm.n_blocks))
     if hp.attr_target == "true":
         if not request.target_true:
             raise ValueError("attr_target='true' needs request.target_true")
@@ -320,25 +322,25 @@ def apply(lm, request: EditRequest | dict, hparams: KNEHparams | None = None,
     values, losses, steps = optimise(lm, request, weights, flat_idx, hp)
     t_opt = time.perf_counter() - t0 - t_attr
 
-    per_layer: dict[int, dict] = {}
+    per_block: dict[int, dict] = {}
     units: dict[int, list] = {}
     for n, w in weights.items():
-        L = _layer_of(lm, n)
-        rec = per_layer.setdefault(L, dict(layer=L, entries=0, total=0))
+        b = _block_of(lm, n)
+        rec = per_block.setdefault(b, dict(block=b, entries=0, total=0))
         rec["total"] += w.numel()
         if n in flat_idx:
             rec["entries"] += int(flat_idx[n].numel())
-            units.setdefault(L, []).append(_units(lm.d_model, tuple(w.shape), flat_idx[n].cpu()))
-    for L, rec in per_layer.items():
+            units.setdefault(b, []).append(_units(lm.d_model, tuple(w.shape), flat_idx[n].cpu()))
+    for b, rec in per_block.items():
         rec["fraction"] = rec["entries"] / rec["total"]
-        us = units.get(L, [])
+        us = units.get(b, [])
         rec["neurons"] = (None if any(u is None for u in us)
                           else int(torch.cat(us).unique().numel()) if us else 0)
     size = sum(int(i.numel()) for i in flat_idx.values())
     info = dict(
         request=request.to_dict(), hparams=hp.to_dict(), ensemble_size=size,
         ensemble_fraction=size / n_all, n_entries=n_all, threshold=thr, attr_tokens=attr_tokens,
-        matrices=sorted(weights), per_layer=[per_layer[k] for k in sorted(per_layer)],
+        matrices=sorted(weights), per_block=[per_block[k] for k in sorted(per_block)],
         losses=losses, steps=steps, seconds_attr=t_attr, seconds_opt=t_opt,
     )
     edit = KNEEdit(lm.model, method, info)
@@ -355,7 +357,7 @@ def _register() -> None:
     @register("kne", params=KNEHparams)
     def _kne(lm, request, hparams=None, **kw):
         if isinstance(hparams, dict):
-            hparams = KNEHparams(**hparams)
+            hparams = KNEHparams.from_dict(hparams)
         if not isinstance(hparams, KNEHparams):  # e.g. a sweep's shared ROME settings
             hparams = KNEHparams.for_model(lm)
         if kw:

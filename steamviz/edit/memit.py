@@ -1,19 +1,19 @@
-"""MEMIT: many edits at once, spread over a range of MLP layers (Meng et al., 2023).
+"""MEMIT: many edits at once, spread over a range of blocks' MLPs (Meng et al., 2023).
 
 >>> from steamviz import memit
 >>> edit = memit.apply(lm, requests)                  # one undoable WeightEdit   # doctest: +SKIP
 >>> edit = memit.apply(lm, requests, lam=50.0)        # STEAM-MEMIT              # doctest: +SKIP
 
-1. Per request a target ``z_i`` for the residual stream leaving the last layer of the range
+1. Per request a target ``z_i`` for the residual stream leaving the last block of the range
    at the subject's last token: ROME's v* objective (:func:`steamviz.edit.rome.compute_v`, with
    STEAM's alignment term when ``lam > 0``; anchors are cached and shared between requests
    with the same new object). As in MEMIT's ``compute_z``, the norm clamp and the weight
    decay are relative to that residual stream on the bare rewrite prompt (``norm_ref``),
    not to the MLP output ROME uses.
-2. For each layer ``l`` of the range, in order: keys ``K`` (subject's last token; as in
+2. For each block ``b`` of the range, in order: keys ``K`` (subject's last token; as in
    MEMIT's ``compute_ks``, the mean over each context-template type -- the bare ``"{}"``,
    then one type per ``(length, n)`` pair -- then the mean of those means), residuals
-   ``R = (z - z_now) / (layers left)``, and the least-squares update
+   ``R = (z - z_now) / (blocks left)``, and the least-squares update
    ``dW = R K^T (w C + K K^T)^-1`` with ``C`` the keys' second moment and
    ``w = mom2_update_weight``.
 
@@ -55,21 +55,24 @@ class MEMITHparams(VStarHparams):
     :class:`~steamviz.edit.hparams.VStarHparams`), the edited blocks and the statistics."""
 
     context_template_length_params: tuple = ((10, 5),)  # MEMIT's (ROME: ((5, 10), (10, 10)))
-    layers: tuple = (3, 4, 5, 6, 7)
+    RENAMED = {"layers": "blocks"}
+
+    blocks: tuple = (3, 4, 5, 6, 7)
     mom2_update_weight: float | None = None  # None: 15000 with statistics, d_in without
     mom2_corpus: str | None = None
     mom2_n_tokens: int = 100_000
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.layers = tuple(int(x) for x in self.layers)
-        if not self.layers or list(self.layers) != sorted(set(self.layers)):
-            raise ValueError(f"layers must be increasing and distinct, got {self.layers}")
+        self.blocks = tuple(int(x) for x in self.blocks)
+        if not self.blocks or list(self.blocks) != sorted(set(self.blocks)):
+            raise ValueError(f"blocks must be increasing and distinct, got {self.blocks}")
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "hparams", mom2_corpus: str | None = None
                   ) -> "MEMITHparams":
-        """From an EasyEdit MEMIT hparams mapping (``layers: [13, ..., 17]``,
+        """From an EasyEdit MEMIT hparams mapping (``layers: [13, ..., 17]``: block indices,
+        steamviz's ``blocks``;
         ``mom2_update_weight``...; read from a YAML file by ``from_yaml(path,
         mom2_corpus=)``; an empty file is every default). Module-name templates are ignored
         (adapters find the modules). ``mom2_adjustment: true`` needs key statistics: pass
@@ -82,7 +85,7 @@ class MEMITHparams(VStarHparams):
         d = dict(d) if isinstance(d, dict) else d  # easyedit_kwargs names a non-mapping
         adjust = d.pop("mom2_adjustment", None) if isinstance(d, dict) else None
         kw = rome.easyedit_kwargs(cls, d, source, "MEMIT", {
-            "layers": lambda v: {"layers": tuple(int(x) for x in v)}})
+            "layers": lambda v: {"blocks": tuple(int(x) for x in v)}})
         if mom2_corpus is not None:  # an explicit corpus wins
             kw["mom2_corpus"] = mom2_corpus
         elif adjust is False:
@@ -95,13 +98,13 @@ class MEMITHparams(VStarHparams):
 
     @classmethod
     def for_model(cls, lm) -> "MEMITHparams":
-        L = rome.ROMEHparams.for_model(lm).layer
-        return cls(layers=tuple(range(max(0, L - 2), min(lm.n_layers, L + 3))))
+        b = rome.ROMEHparams.for_model(lm).block
+        return cls(blocks=tuple(range(max(0, b - 2), min(lm.n_blocks, b + 3))))
 
     def rome_hparams(self) -> rome.ROMEHparams:
         """ROME's hyperparameters of MEMIT's z: the same v* optimisation, at the last edited
         block."""
-        return rome.ROMEHparams(layer=self.layers[-1], **self.vstar())
+        return rome.ROMEHparams(block=self.blocks[-1], **self.vstar())
 
 
 def context_groups(length_params) -> list[int]:
@@ -111,7 +114,7 @@ def context_groups(length_params) -> list[int]:
     return [1] + [int(n) for _, n in length_params if int(n) > 0]
 
 
-def _keys(lm, layer: int, requests, contexts, groups=None) -> tuple[torch.Tensor, torch.Tensor]:
+def _keys(lm, block: int, requests, contexts, groups=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Key per request ``[n, d_in]`` and every context key ``[n * c, d_in]``.
 
     ``groups``: sizes of the consecutive context-template types (:func:`context_groups`);
@@ -128,16 +131,17 @@ def _keys(lm, layer: int, requests, contexts, groups=None) -> tuple[torch.Tensor
             prompts.append(text)
             subjects.append(r.subject)
             starts.append(j + at)
-    k, _ = rome.keys_and_outputs(lm, layer, prompts, subjects, starts)
+    k, _ = rome.keys_and_outputs(lm, block, prompts, subjects, starts)
     per = k.view(len(requests), len(contexts), -1)
     means = torch.stack([g.mean(1) for g in per.split(groups, dim=1)], dim=1)
     return means.mean(1), k
 
 
-def _z_now(lm, requests, z_layer: int) -> torch.Tensor:
-    """Residual stream leaving block ``z_layer`` at the subject's last token, bare prompts."""
+def _z_now(lm, requests, z_block: int) -> torch.Tensor:
+    """Residual stream leaving block ``z_block`` (stream layer ``z_block + 1``) at the
+    subject's last token, bare prompts."""
     filled = [fill(r.prompt, r.subject) for r in requests]  # the subject at the slot
-    cap = capture(lm, [t for t, _ in filled], positions=("subject_last",), layers=[z_layer + 1],
+    cap = capture(lm, [t for t, _ in filled], positions=("subject_last",), layers=[z_block + 1],
                   subjects=[r.subject for r in requests], subject_starts=[i for _, i in filled])
     return cap.tensor[:, 0, 0]
 
@@ -162,28 +166,28 @@ def apply(lm, requests, hparams: MEMITHparams | None = None, lam: float = 0.0,
     if not isinstance(lam, (int, float)) or isinstance(lam, bool) or lam < 0:
         raise ValueError(f"lam must be a number >= 0 (0 is plain MEMIT), got {lam!r}")
     hp = hparams or MEMITHparams.for_model(lm)
-    bad = [x for x in hp.layers if not 0 <= x < lm.n_layers]
+    bad = [x for x in hp.blocks if not 0 <= x < lm.n_blocks]
     if bad:
-        raise ValueError(f"layers {bad} out of range: this model has blocks 0..{lm.n_layers - 1}")
+        raise ValueError(f"blocks {bad} out of range: this model has blocks 0..{lm.n_blocks - 1}")
     t0 = time.perf_counter()
     rhp = hp.rome_hparams()
-    z_layer = hp.layers[-1]
+    z_block = hp.blocks[-1]
     align_for = {}
     if lam:
         from . import steam
         from ..look.anchors import build_anchor
 
-        layers = align_layers or steam.default_layers(lm, z_layer)
+        layers = align_layers or steam.default_layers(lm, z_block)
         for obj in {r.target_new for r in requests}:
             a = (anchors or {}).get(obj) or build_anchor(lm, obj)
             align_for[obj] = steam.make_align(lm, a, lam, layers, centered, bank=bank)
-    z_init = _z_now(lm, requests, z_layer)
+    z_init = _z_now(lm, requests, z_block)
     deltas, losses = [], []
     clean = not active_edits(lm.model)
     for i, r in enumerate(requests):
         align = align_for.get(r.target_new)
         # z_init[i] (the norm reference) is a function of the unedited model, the request
-        # and rhp.layer (= z_layer), all in the key; the cache is read only on a clean model
+        # and rhp.block (= z_block), all in the key; the cache is read only on a clean model
         key = (lm.fingerprint, id(lm.model), repr(r.to_rome()), repr(rhp),
                None if align is None else align.key())
         v = _Z_CACHE.get(key) if clean else None
@@ -206,14 +210,14 @@ def apply(lm, requests, hparams: MEMITHparams | None = None, lam: float = 0.0,
         requests=[r.to_dict() for r in requests], hparams=hp.to_dict(), lam=lam,
         final_losses=losses))
     with edit.undo_on_error():
-        for i, layer in enumerate(hp.layers):
-            K, K_all = _keys(lm, layer, requests, contexts, groups)  # [n, d_in]
-            R = (z - _z_now(lm, requests, z_layer)) / (len(hp.layers) - i)  # [n, d]
+        for i, block in enumerate(hp.blocks):
+            K, K_all = _keys(lm, block, requests, contexts, groups)  # [n, d_in]
+            R = (z - _z_now(lm, requests, z_block)) / (len(hp.blocks) - i)  # [n, d]
             Kd, Rd = K.double().T, R.double().T  # [d_in, n], [d, n]
             if hp.mom2_corpus:
                 from ..look.stats import second_moment
 
-                C = second_moment(lm, layer, corpus=hp.mom2_corpus, n_tokens=hp.mom2_n_tokens,
+                C = second_moment(lm, block, corpus=hp.mom2_corpus, n_tokens=hp.mom2_n_tokens,
                                   seed=hp.seed).to(Kd.device)
             else:
                 scale = K_all.double().pow(2).sum(-1).mean() / K_all.shape[-1]
@@ -223,8 +227,8 @@ def apply(lm, requests, hparams: MEMITHparams | None = None, lam: float = 0.0,
                 w = 15000.0 if hp.mom2_corpus else float(Kd.shape[0])
             adj = torch.linalg.solve(w * C + Kd @ Kd.T, Kd)  # [d_in, n]
             upd = (Rd @ adj.T).float()  # [d_out, d_in]
-            W = mlp_out_module(lm.model, layer).weight
-            pname = lm.adapter.mlp_out.format(layer) + ".weight"
+            W = mlp_out_module(lm.model, block).weight
+            pname = lm.adapter.mlp_out.format(block) + ".weight"
             edit.add_delta(pname, (upd.T if lm.adapter.conv1d else upd).to(W.dtype))
     edit.info["seconds"] = time.perf_counter() - t0
     return edit
@@ -233,49 +237,49 @@ def apply(lm, requests, hparams: MEMITHparams | None = None, lam: float = 0.0,
 def _register() -> None:
     from .editors import check_fields, register
 
-    def _hp(lm, hparams, layer):
+    def _hp(lm, hparams, block):
         if isinstance(hparams, MEMITHparams):
             return hparams
         base = MEMITHparams.for_model(lm)
         if isinstance(hparams, rome.ROMEHparams):  # a sweep's shared ROME settings
-            layer = hparams.layer if layer is None else layer
+            block = hparams.block if block is None else block
             base = base.replace(
                 v_num_grad_steps=hparams.v_num_grad_steps, v_lr=hparams.v_lr,
                 early_stop_loss=hparams.early_stop_loss,
                 context_template_length_params=hparams.context_template_length_params,
                 seed=hparams.seed)
-        if layer is not None:  # the range ends at the given layer
-            base = base.replace(layers=tuple(range(max(0, layer - len(base.layers) + 1),
-                                                   layer + 1)))
+        if block is not None:  # the range ends at the given block
+            base = base.replace(blocks=tuple(range(max(0, block - len(base.blocks) + 1),
+                                                   block + 1)))
         return base
 
     fields = {f.name for f in dataclasses.fields(MEMITHparams)}
 
-    def _split(lm, hparams, layer, kw):  # MEMITHparams fields (e.g. a sweep's method_params)
-        hp = _hp(lm, hparams, layer)
+    def _split(lm, hparams, block, kw):  # MEMITHparams fields (e.g. a sweep's method_params)
+        hp = _hp(lm, hparams, block)
         mine = {k: kw.pop(k) for k in list(kw) if k in fields}
         if mine:
-            why = check_fields(MEMITHparams, mine, "MEMIT", lm.n_layers)
+            why = check_fields(MEMITHparams, mine, "MEMIT", lm.n_blocks)
             if why:
                 raise ValueError(why)
             hp = hp.replace(**{k: tuple(v) if isinstance(v, list) else v
                                for k, v in mine.items()})
         return hp
 
-    def _memit(lm, requests, hparams=None, layer=None, **kw):
-        return apply(lm, requests, hparams=_split(lm, hparams, layer, kw), **kw)
+    def _memit(lm, requests, hparams=None, block=None, **kw):
+        return apply(lm, requests, hparams=_split(lm, hparams, block, kw), **kw)
 
-    def _steam_memit(lm, requests, lam: float = 20.0, hparams=None, layer=None, layers=None,
+    def _steam_memit(lm, requests, lam: float = 20.0, hparams=None, block=None, layers=None,
                      **kw):
-        return apply(lm, requests, hparams=_split(lm, hparams, layer, kw), lam=lam,
+        return apply(lm, requests, hparams=_split(lm, hparams, block, kw), lam=lam,
                      align_layers=layers, **kw)
 
-    plain = ("layer", "method")
+    plain = ("block", "method")
     steam = plain + ("lam", "layers", "centered", "anchors", "bank")
     register("memit", batch=True, params=MEMITHparams, extra=plain,
-             axes=("layer", "batch"))(_memit)
+             axes=("block", "batch"))(_memit)
     register("steam-memit", batch=True, params=MEMITHparams, extra=steam,
-             axes=("layer", "lam", "batch"), base="memit")(_steam_memit)
+             axes=("block", "lam", "batch"), base="memit")(_steam_memit)
     register("memit", params=MEMITHparams, extra=plain)(
         lambda lm, request, **kw: _memit(lm, [request], **kw))
     register("steam-memit", params=MEMITHparams, extra=steam)(

@@ -7,7 +7,7 @@ The contract of the ROME repo, kept: a request in, the edited model plus what un
 >>> edit.info["efficacy_after_opt"]            # doctest: +SKIP
 >>> edit.restore()                # bitwise the original weights again  # doctest: +SKIP
 
-How it works (``layer`` = the edited block, its MLP output projection ``W``):
+How it works (``block`` = the edited block, its MLP output projection ``W``):
 
 1. key ``k*``: input of ``W`` at the subject's last token, averaged over model-written
    context prefixes (:mod:`steamviz.core.context`); ``k`` also on the bare prompt.
@@ -15,10 +15,10 @@ How it works (``layer`` = the edited block, its MLP output projection ``W``):
    with Adam for the target's NLL over the context prompts + ``kl_factor`` x
    KL(P_edited || P_init) on "{subject} is a" (ROME's order) + weight decay, norm-clamped,
    early-stopped.
-   Speed: the blocks below ``layer`` run once (their stream does not depend on the delta),
-   the tokens before the subject's last one come from a key/value cache, block ``layer``'s
+   Speed: the blocks below ``block`` run once (their stream does not depend on the delta),
+   the tokens before the subject's last one come from a key/value cache, block ``block``'s
    output is computed once, and each step runs the remaining tokens through blocks
-   ``layer+1..`` only -- via :mod:`steamviz.core.lean` on Llama-family models --; logits are
+   ``block+1..`` only -- via :mod:`steamviz.core.lean` on Llama-family models --; logits are
    computed only where a loss reads them. STEAM adds its alignment term through
    ``compute_v(..., align=...)``.
 3. rank-one update ``W += (v* - W k) u^T / (u . k)`` with ``u = C^-1 k*`` (``C`` the
@@ -183,11 +183,11 @@ def _align_info(align) -> dict | None:
 
 def write_update(lm, prep: Prepared, v: VResult, method: str = "ROME", extra=None) -> WeightEdit:
     upd = update_matrix(prep, v)
-    W = mlp_out_module(lm.model, prep.hp.layer).weight
-    name = lm.adapter.mlp_out.format(prep.hp.layer) + ".weight"
+    W = mlp_out_module(lm.model, prep.hp.block).weight
+    name = lm.adapter.mlp_out.format(prep.hp.block) + ".weight"
     delta = upd.T if lm.adapter.conv1d else upd
     info = dict(
-        request=prep.request.to_dict(), hparams=prep.hp.to_dict(), layer=prep.hp.layer,
+        request=prep.request.to_dict(), hparams=prep.hp.to_dict(), block=prep.hp.block,
         steps=v.steps, losses=v.losses, seconds_prepare=prep.seconds, seconds_opt=v.seconds,
         **(extra or {}),
     )

@@ -17,7 +17,9 @@ class ROMEHparams(VStarHparams):
     optimisation (:class:`~steamviz.edit.hparams.VStarHparams`), the edited block and the
     key statistics."""
 
-    layer: int = 5
+    RENAMED = {"layer": "block"}
+
+    block: int = 5  # the edited block: its MLP output projection gets the rank-one update
     kl_prompts: tuple = ("{} is a",)
     # where the KL ("essence") distribution is read in the KL prompts: "subject_last" (ROME's
     # and EasyEdit's choice: the subject's last token) or "last" (the prompt's last token)
@@ -26,7 +28,7 @@ class ROMEHparams(VStarHparams):
     mom2_corpus: str | None = None  # folder of .txt files, or "model"
     mom2_n_tokens: int = 100_000
     mom2_ridge: float = 0.0
-    # dtype of the matrix products above the edited layer during the v* optimisation
+    # dtype of the matrix products above the edited block during the v* optimisation
     # (None: the model's). "bfloat16" is faster on CPUs with AMX-BF16, at a small cost in
     # precision (measured: docs/results.md#rome).
     v_matmul_dtype: str | None = None
@@ -43,30 +45,32 @@ class ROMEHparams(VStarHparams):
 
     @classmethod
     def for_model(cls, lm_or_name: Any) -> "ROMEHparams":
-        """Per-model defaults (edited layer by depth, EasyEdit's LLaMA settings otherwise)."""
+        """Per-model defaults (edited block by depth, EasyEdit's LLaMA settings otherwise)."""
         name = cls.model_name(lm_or_name)
-        n = getattr(lm_or_name, "n_layers", None)
+        n = getattr(lm_or_name, "n_blocks", None)
         if name in MODEL_DEFAULTS:
             return cls(**MODEL_DEFAULTS[name])
         hp = cls()
         if n is not None:
-            hp.layer = max(1, round(n * 0.17))  # early-middle MLP, as ROME's causal traces
+            hp.block = max(1, round(n * 0.17))  # early-middle MLP, as ROME's causal traces
         return hp
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "hparams") -> "ROMEHparams":
         """From an EasyEdit / ROME hparams mapping (``layers: [5]``, ``v_lr``...; read
-        from a YAML file by ``from_yaml``).
+        from a YAML file by ``from_yaml``) or steamviz's own (``block: 5``; ``layer: 5`` as
+        written before the rename).
 
         Module-name templates (``rewrite_module_tmp``...) are ignored: steamviz finds
         modules through its architecture adapters. Unknown keys are an error.
         """
-        def layers(v):
+        def layers(v):  # EasyEdit's ``layers`` are block indices
             if not isinstance(v, list) or len(v) != 1:
-                raise ValueError(f"{source}: ROME edits one layer; 'layers' must be [L], got {v!r}")
-            return {"layer": int(v[0])}
+                raise ValueError(f"{source}: ROME edits one block; 'layers' must be [B], got {v!r}")
+            return {"block": int(v[0])}
 
-        return cls(**easyedit_kwargs(cls, d, source, "ROME", {"layers": layers}))
+        return cls(**easyedit_kwargs(cls, d, source, "ROME",
+                                     {"layers": layers, "layer": lambda v: {"block": int(v)}}))
 
 
 
@@ -95,7 +99,12 @@ def easyedit_kwargs(cls, d: dict, source: str, alg: str, special: dict | None = 
     kw: dict = {}
     for k, v in d.items():
         if special and k in special:
-            kw.update(special[k](v))
+            got = special[k](v)
+            twice = [n for n in got if n in kw or n in d]
+            if twice:
+                raise ValueError(f"{source}: {k!r} and {twice[0]!r} name the same {alg} "
+                                 f"hyperparameter; give one ({twice[0]!r})")
+            kw.update(got)
             continue
         if k == "mom2_n_samples":
             k = "mom2_n_tokens"
@@ -130,7 +139,7 @@ def _is_number(s: str) -> bool:
 
 
 MODEL_DEFAULTS: dict[str, dict] = {
-    "smollm2-135m": dict(layer=5),
-    "gpt2-xl": dict(layer=17, v_num_grad_steps=20, v_weight_decay=0.5, mom2_adjustment=True),
-    "EleutherAI/gpt-j-6B": dict(layer=5, v_weight_decay=0.5, mom2_adjustment=True),
+    "smollm2-135m": dict(block=5),
+    "gpt2-xl": dict(block=17, v_num_grad_steps=20, v_weight_decay=0.5, mom2_adjustment=True),
+    "EleutherAI/gpt-j-6B": dict(block=5, v_weight_decay=0.5, mom2_adjustment=True),
 }

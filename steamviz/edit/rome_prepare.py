@@ -31,8 +31,8 @@ class Prepared:
 
     Rows are the rewrite prompts (one per context, + target tokens but the last), then the
     KL prompts. Only tokens from the subject's last token on depend on the delta: the rest
-    (the *prefix*) is kept as a key/value cache of every block at and above ``layer``, and
-    each optimisation step runs only the *suffix* tokens through blocks ``layer..``.
+    (the *prefix*) is kept as a key/value cache of every block at and above ``hp.block``, and
+    each optimisation step runs only the *suffix* tokens through blocks ``hp.block..``.
     """
 
     request: EditRequest
@@ -47,10 +47,10 @@ class Prepared:
     ids: list[list[int]]
     subj_pos: list[int]
     # suffix view: tokens from the subject's last token on, right-padded
-    h_suffix: torch.Tensor  # [rows, S, d] stream entering block `layer`
+    h_suffix: torch.Tensor  # [rows, S, d] stream entering block `hp.block`
     pos_suffix: torch.Tensor  # [rows, S] absolute positions
     mask4d: torch.Tensor  # [rows, 1, S, P + S] additive attention mask
-    prefix_kv: list  # per block: (keys, values) [rows, heads, P, hd] (None below `layer`)
+    prefix_kv: list  # per block: (keys, values) [rows, heads, P, hd] (None below `hp.block`)
     tgt_rows: torch.Tensor  # [n_target_tokens]
     tgt_pos: torch.Tensor  # position in the suffix that predicts the token
     tgt_ids: torch.Tensor
@@ -62,10 +62,10 @@ class Prepared:
 
 
 
-def keys_and_outputs(lm, layer: int, prompts: list[str], subjects: list[str], starts=None):
+def keys_and_outputs(lm, block: int, prompts: list[str], subjects: list[str], starts=None):
     """Input and output of the edited projection at each prompt's subject-last token
     (``starts``: the subjects' character offsets, :func:`steamviz.core.tokens.fill`)."""
-    mod = mlp_out_module(lm.model, layer)
+    mod = mlp_out_module(lm.model, block)
     ids = [list(lm.prefix_ids) + token_ids(lm, p) for p in prompts]
     starts = starts or [None] * len(prompts)
     pos = torch.tensor([subject_last(lm, p, s, i) for p, s, i in zip(prompts, subjects, starts)])
@@ -77,9 +77,9 @@ def keys_and_outputs(lm, layer: int, prompts: list[str], subjects: list[str], st
     return got["kv"]
 
 
-def _prefix_cache(lm, ids: list[list[int]], cut: list[int], layer: int):
+def _prefix_cache(lm, ids: list[list[int]], cut: list[int], block: int):
     """Key/value cache of every block for the tokens before ``cut`` (left-padded to P)
-    and the residual stream entering block ``layer`` for the tokens from ``cut`` on
+    and the residual stream entering block ``block`` for the tokens from ``cut`` on
     (right-padded to S). One forward pass of the unedited model, which also gives the
     edited projection's input and output at each row's cut and the final hidden states of
     the suffix tokens (second dict)."""
@@ -107,15 +107,15 @@ def _prefix_cache(lm, ids: list[list[int]], cut: list[int], layer: int):
 
     base = get_module(lm.model, lm.adapter.base)
     cache = DynamicCache()
-    taps = {"h": stream(lm, layer),  # entering block ``layer``
-            "kv": Tap(mlp_out_module(lm.model, layer), "both",  # the projection at the cut
+    taps = {"h": stream(lm, block),  # stream layer ``block`` enters block ``block``
+            "kv": Tap(mlp_out_module(lm.model, block), "both",  # the projection at the cut
                       keep=lambda kv: (kv[0][:, P], kv[1][:, P]))}
     got, out = read(lm, inp.to(dev), full_mask.to(dev), taps, stop=False,
                     position_ids=pos.to(dev), use_cache=True, **cache_kwargs(base, cache))
     got["k"], got["v"] = got["kv"]
     kv = []
     for i, lay in enumerate(cache.layers):
-        if i < layer:
+        if i < block:
             kv.append((None, None))
         else:
             kv.append((lay.keys[:, :, :P].detach(), lay.values[:, :, :P].detach()))
@@ -145,9 +145,9 @@ def _left_vector(lm, hp: ROMEHparams, k_star: torch.Tensor) -> torch.Tensor:
     if hp.mom2_adjustment:
         from ..look.stats import inverse, second_moment
 
-        key = ("cinv", lm.fingerprint, hp.layer, str(hp.mom2_corpus), hp.mom2_n_tokens, hp.mom2_ridge)
+        key = ("cinv", lm.fingerprint, hp.block, str(hp.mom2_corpus), hp.mom2_n_tokens, hp.mom2_ridge)
         if key not in _CINV:
-            C = second_moment(lm, hp.layer, corpus=hp.mom2_corpus, n_tokens=hp.mom2_n_tokens,
+            C = second_moment(lm, hp.block, corpus=hp.mom2_corpus, n_tokens=hp.mom2_n_tokens,
                               seed=hp.seed)
             _CINV[key] = inverse(C, hp.mom2_ridge).float()
         u = _CINV[key].to(k_star.device) @ k_star
@@ -163,9 +163,9 @@ def prepare(lm, request: EditRequest, hp: ROMEHparams | None = None, use_cache: 
             ) -> Prepared:
     """Keys, C^-1 direction, prefix caches and the KL reference for ``request``."""
     hp = hp or ROMEHparams.for_model(lm)
-    if not 0 <= hp.layer < lm.n_layers:
-        raise ValueError(f"layer {hp.layer} out of range: this model has blocks 0..{lm.n_layers - 1}")
-    fields = ("layer", "context_template_length_params", "kl_prompts", "kl_position",
+    if not 0 <= hp.block < lm.n_blocks:
+        raise ValueError(f"block {hp.block} out of range: this model has blocks 0..{lm.n_blocks - 1}")
+    fields = ("block", "context_template_length_params", "kl_prompts", "kl_position",
               "mom2_adjustment",
               "mom2_corpus", "mom2_n_tokens", "mom2_ridge", "seed")
     key = (lm.fingerprint, id(lm.model), repr(request.to_rome()),
@@ -203,7 +203,7 @@ def prepare(lm, request: EditRequest, hp: ROMEHparams | None = None, use_cache: 
         rows_ids.append(ids)
     dev = lm.device
     _check_window(lm, rows_ids)
-    pc, seen = _prefix_cache(lm, rows_ids, subj_pos, hp.layer)
+    pc, seen = _prefix_cache(lm, rows_ids, subj_pos, hp.block)
     # keys: the subject's last token only sees the text up to the subject, so the rewrite
     # rows (context + prompt + target) give the same keys as the bare key prompts
     keys, outs = seen["keys"][: len(contexts)], seen["outs"][: len(contexts)]

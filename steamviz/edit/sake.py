@@ -87,7 +87,7 @@ How it works:
    ``generate``) reads, so every path sees the edit. With a KV cache the subject gate carries
    over between calls (kept per cache object); a continuation of a cache this edit did not
    see starts with the subject unseen, and a pass that skips a gate's block (a truncated
-   stack, see :func:`~steamviz.core.forward.layers_from`) is left alone.
+   stack, see :func:`~steamviz.core.forward.blocks_from`) is left alone.
 
 Only the position that asks for the object is mapped, so a multi-token target gets help on
 its first token; later tokens come from the unedited model given that token (Toronto ->
@@ -182,7 +182,7 @@ class SAKEEdit(Edit):
     def _install(self) -> None:
         lm = self.lm
         base = get_module(lm.model, lm.adapter.base)
-        blocks = get_module(lm.model, lm.adapter.layers)
+        blocks = get_module(lm.model, lm.adapter.blocks)
         self.on_restore(self._remove)
         with self.undo_on_error():  # a failed install leaves no hook and no active edit
             self._handles.append(base.register_forward_pre_hook(self._pre, with_kwargs=True))

@@ -36,7 +36,7 @@ FALLBACK_PROMPTS = ("The capital of Japan is", "My favourite food is", "The weat
 @dataclass
 class SAKEHparams(Hparams):
     """SAKE hyperparameters. Layers follow :mod:`steamviz.look.capture` numbering (layer ``l`` is
-    the output of block ``l - 1``, ``1 <= l <= n_layers``); ``None`` picks them by depth."""
+    the output of block ``l - 1``, ``1 <= l <= n_blocks``); ``None`` picks them by depth."""
 
     context_template_length_params: tuple = ((5, 5), (10, 5))  # model-written prefixes
     prefixes: tuple = PREFIXES
@@ -80,7 +80,7 @@ class SAKEHparams(Hparams):
 
     def resolved(self, lm) -> "SAKEHparams":
         """These hparams with ``None`` layers set for ``lm`` (and checked)."""
-        n = lm.n_layers
+        n = lm.n_blocks
         s = self.subject_layer if self.subject_layer is not None else max(1, round(0.15 * n))
         q = self.query_layer if self.query_layer is not None else max(1, round(0.85 * n))
         for name, v in (("subject_layer", s), ("query_layer", q)):

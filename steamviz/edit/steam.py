@@ -30,10 +30,11 @@ from ..data.requests import EditRequest
 DEFAULT_LAM = 20.0
 
 
-def default_layers(lm, edit_layer: int) -> list[int]:
-    """Mid layers above the edited block: ``edit_layer + 3 .. 2/3 of the depth``."""
-    top = max(edit_layer + 3, round(lm.n_layers * 2 / 3))
-    return list(range(min(edit_layer + 3, lm.n_layers), min(top, lm.n_layers) + 1))
+def default_layers(lm, block: int) -> list[int]:
+    """Mid stream layers above the edited block: ``block + 3 .. 2/3 of the depth`` (layer
+    ``block + 1`` is the first the edit moves)."""
+    top = max(block + 3, round(lm.n_blocks * 2 / 3))
+    return list(range(min(block + 3, lm.n_blocks), min(top, lm.n_blocks) + 1))
 
 
 @dataclass
@@ -104,7 +105,7 @@ def apply(
     if not isinstance(lam, (int, float)) or isinstance(lam, bool) or lam < 0:
         raise ValueError(f"lam must be a number >= 0 (0 is plain ROME), got {lam!r}")
     hp = hparams or rome.ROMEHparams.for_model(lm)
-    layers = default_layers(lm, hp.layer) if layers is None else list(layers)
+    layers = default_layers(lm, hp.block) if layers is None else list(layers)
     if anchor is None:
         anchor = build_anchor(lm, request.target_new, exclude_subjects=(request.subject,),
                               **(anchor_kw or {}))
@@ -119,13 +120,13 @@ def apply(
 
 
 @register("steam-rome", params=rome.ROMEHparams,
-          extra=("lam", "layers", "centered", "anchor", "bank"), axes=("layer", "lam"),
+          extra=("lam", "layers", "centered", "anchor", "bank"), axes=("block", "lam"),
           base="rome", vstar=True)
-def _steam(lm, request, lam: float = DEFAULT_LAM, layer: int | None = None, layers=None,
+def _steam(lm, request, lam: float = DEFAULT_LAM, block: int | None = None, layers=None,
            centered: bool = False, hparams=None, anchor=None, bank=None, **hp):
     hparams = hparams or rome.ROMEHparams.for_model(lm)
-    if layer is not None:
-        hp["layer"] = layer
+    if block is not None:
+        hp["block"] = block
     if hp:
         hparams = hparams.replace(**hp)
     return apply(lm, request, lam=lam, layers=layers, centered=centered, hparams=hparams,

@@ -19,7 +19,7 @@ import torch
 
 from ..core.arch import cache_kwargs, get_module, lm_head_logits, mlp_out_module
 from ..core.hooks import hooks
-from ..core.forward import layers_from, space
+from ..core.forward import blocks_from, space
 from ..core.lean import LeanStack
 from ..core.lean import unsupported as lean_unsupported
 from ..core.tokens import pad, token_ids
@@ -47,7 +47,7 @@ class VResult:
 
 
 def _run_suffix(lm, prep: Prepared) -> torch.Tensor:
-    """Blocks ``layer..`` on the suffix tokens, with the prefix from the cache."""
+    """Blocks ``hp.block..`` on the suffix tokens, with the prefix from the cache."""
     from transformers import DynamicCache
 
     from ..core.arch import block_input_to_embeds
@@ -55,7 +55,7 @@ def _run_suffix(lm, prep: Prepared) -> torch.Tensor:
     base = get_module(lm.model, lm.adapter.base)
     cache = DynamicCache(ddp_cache_data=prep.prefix_kv)
     emb = block_input_to_embeds(lm.model, prep.h_suffix, prep.pos_suffix)
-    with layers_from(lm.model, prep.hp.layer):
+    with blocks_from(lm.model, prep.hp.block):
         out = base(inputs_embeds=emb, attention_mask=prep.mask4d, position_ids=prep.pos_suffix,
                    use_cache=True, **cache_kwargs(base, cache))
     return out.last_hidden_state
@@ -75,7 +75,7 @@ def compute_v(lm, prep: Prepared, hp: ROMEHparams | None = None, align: Align | 
     runs exactly ``hp.v_num_grad_steps`` steps (the matched budget sweeps use).
 
     Each step runs only the suffix tokens through the blocks above the edited one: block
-    ``layer`` does not depend on the delta (it is added to its MLP output), so its output is
+    ``hp.block`` does not depend on the delta (it is added to its MLP output), so its output is
     computed once. ``lean``: run those blocks through :class:`steamviz.core.lean.LeanStack`
     (Llama-family models without hooks on the blocks; the same arithmetic with less
     overhead) -- ``None`` uses it where it applies, ``False`` always uses the model's
@@ -84,9 +84,9 @@ def compute_v(lm, prep: Prepared, hp: ROMEHparams | None = None, align: Align | 
     ``norm_ref``: the vector whose norm the clamp (``clamp_norm_factor * |norm_ref|``) and
     the weight decay (``v_weight_decay * |delta| / |norm_ref|^2``) are relative to.
     ``None`` (ROME): ``prep.v_init``, the edited projection's output. MEMIT passes the
-    residual stream leaving block ``layer`` at the subject's last token of the bare prompt
+    residual stream leaving block ``hp.block`` at the subject's last token of the bare prompt
     (its ``target_init``); the delta itself is added at the same place either way (adding
-    it to block ``layer``'s MLP output or to the block's output is the same for every
+    it to block ``hp.block``'s MLP output or to the block's output is the same for every
     later block).
 
     Several objectives of one request at once (a lambda sweep, anchor seeds, ROME beside
@@ -124,10 +124,10 @@ def compute_vs(lm, prep: Prepared, hp: ROMEHparams | None = None, aligns=(None,)
     t0 = time.perf_counter()
     model = lm.model
     dev = lm.device
-    L = prep.hp.layer
+    B = prep.hp.block
     G = len(aligns)
-    blocks = get_module(model, lm.adapter.layers)
-    mod = mlp_out_module(model, L)
+    blocks = get_module(model, lm.adapter.blocks)
+    mod = mlp_out_module(model, B)
     delta = torch.zeros((G, *prep.v_init.shape), dtype=prep.v_init.dtype, device=dev,
                         requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -147,11 +147,11 @@ def compute_vs(lm, prep: Prepared, hp: ROMEHparams | None = None, aligns=(None,)
     max_norm = hp.clamp_norm_factor * target_norm
     # lam = 0 records L_LA without changing the optimisation
     align_layers = sorted({x for a in aligns if a is not None for x in a.layers})
-    bad = [x for x in align_layers if not L + 1 <= x <= lm.n_layers]
+    bad = [x for x in align_layers if not B + 1 <= x <= lm.n_blocks]
     if bad:
         raise ValueError(
-            f"alignment layers {bad} are not above the edited block {L}: the delta cannot "
-            f"move them; use layers {L + 1}..{lm.n_layers}"
+            f"alignment layers {bad} are not above the edited block {B}: the delta cannot "
+            f"move them; use layers {B + 1}..{lm.n_blocks}"
         )
     streams: dict[int, torch.Tensor] = {}
     offs = torch.arange(G, device=dev) * R  # first row of each group
@@ -168,7 +168,7 @@ def compute_vs(lm, prep: Prepared, hp: ROMEHparams | None = None, aligns=(None,)
     def row_delta():
         return (onehot * delta.repeat_interleave(R, dim=0)[:, None, :])
 
-    why = (lean_unsupported(model, L, length=prep.mask4d.shape[-1]) if lean is not False
+    why = (lean_unsupported(model, B, length=prep.mask4d.shape[-1]) if lean is not False
            else "turned off")
     if lean and why:
         raise ValueError(f"lean=True but the lean forward does not apply: {why}")
@@ -178,10 +178,10 @@ def compute_vs(lm, prep: Prepared, hp: ROMEHparams | None = None, aligns=(None,)
     handles = []
     if why is None:
         md = getattr(torch, hp.v_matmul_dtype) if hp.v_matmul_dtype else None
-        stack = LeanStack(model, L, matmul_dtype=md)
+        stack = LeanStack(model, B, matmul_dtype=md)
         cos, sin = stack.rope(prep.h_suffix, prep.pos_suffix)
-        with torch.no_grad():  # block L's parts do not depend on the delta
-            h_mid, mlp_out = stack.parts(0, prep.h_suffix, cos, sin, prep.prefix_kv[L],
+        with torch.no_grad():  # block B's parts do not depend on the delta
+            h_mid, mlp_out = stack.parts(0, prep.h_suffix, cos, sin, prep.prefix_kv[B],
                                          prep.mask4d)
             h_after = _tile(stack.join(0, h_mid, mlp_out), G)
             if stack.gemma:
@@ -198,7 +198,7 @@ def compute_vs(lm, prep: Prepared, hp: ROMEHparams | None = None, aligns=(None,)
                 h = stack.join(0, h_mid, mlp_out + row_delta().to(mlp_out.dtype))
             else:  # (the MLP's output joins the stream as it is: the same, in one sum)
                 h = h_after + row_delta().to(h_after.dtype)
-            tap(L + 1, h)
+            tap(B + 1, h)
             return stack.run(h, cos, sin, prefix_kv, mask4d, first=1, tap=tap)
     else:
         tiled = dataclasses.replace(prep, h_suffix=_tile(prep.h_suffix, G),
@@ -307,7 +307,7 @@ def compute_v_reference(lm, prep: Prepared, hp: ROMEHparams | None = None) -> VR
     hp = hp or prep.hp
     t0 = time.perf_counter()
     model, dev = lm.model, lm.device
-    mod = mlp_out_module(model, prep.hp.layer)
+    mod = mlp_out_module(model, prep.hp.block)
     batch = pad(prep.ids, lm.tok.pad_token_id, dev)
     n_rw = prep.n_rewrite
     sp = torch.tensor(prep.subj_pos, device=dev)

@@ -41,7 +41,7 @@ class AnchorError(ValueError):
 @dataclass
 class Anchor:
     object: str
-    phi: torch.Tensor  # [layer, hidden], layers 0..n_layers
+    phi: torch.Tensor  # [layer, hidden], layers 0..n_blocks
     facts: list  # the Facts averaged
     report: list[dict]  # per relation: found, recalled, used
     settings: dict = field(default_factory=dict)
@@ -214,7 +214,7 @@ def _read_anchor(path, key: str, lm) -> Anchor | None:
     """The cached anchor at ``path`` if it is one, for this key and model shape; else None
     (the file is removed and the anchor rebuilt)."""
     try:
-        t, meta = load_tensors(path, expect={"phi": (lm.n_layers + 1, lm.d_model)})
+        t, meta = load_tensors(path, expect={"phi": (lm.n_blocks + 1, lm.d_model)})
         if meta.get("kind") != "anchor" or meta.get("key") != key:
             raise ValueError(f"{path}: written for another anchor")
         facts = [Fact(*f) for f in meta["facts"]]
@@ -262,7 +262,7 @@ def reference_bank(lm, facts=None, limit: int | None = None, seed: int = 0,
     if use_cache and path.exists():
         try:
             t, meta = load_tensors(path, expect={
-                "streams": (len(facts), lm.n_layers + 1, lm.d_model)})
+                "streams": (len(facts), lm.n_blocks + 1, lm.d_model)})
             if meta.get("kind") != "bank" or meta.get("key") != key[1]:
                 raise ValueError(f"{path}: written for another bank")
             bank = Bank(facts, t["streams"])

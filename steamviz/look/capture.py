@@ -123,7 +123,7 @@ def capture(
 ) -> Capture:
     """Run ``prompts`` and return the residual stream at ``layers`` x ``positions``.
 
-    ``layers``: indices in ``0..n_layers`` (default all, ``n_layers + 1`` of them).
+    ``layers``: indices in ``0..n_blocks`` (default all, ``n_blocks + 1`` of them).
     ``positions``: names from :data:`POSITIONS`. ``subjects``: one per prompt, needed for
     the ``subject_*`` positions. ``subject_starts``: one per prompt, the subject's character
     offset in it -- where its template's ``{}`` slot was (:func:`steamviz.core.tokens.fill`); pass
@@ -147,7 +147,7 @@ def capture(
         if len(subject_starts) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(subject_starts)} "
                              "subject_starts")
-    n = lm.n_layers
+    n = lm.n_blocks
     layers = list(range(n + 1)) if layers is None else [int(x) for x in layers]
     bad = [x for x in layers if not 0 <= x <= n]
     if bad:

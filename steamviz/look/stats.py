@@ -3,9 +3,9 @@
 ROME and MEMIT whiten their updates with ``C^-1``. Keys are read at the input of the edited
 projection over a text corpus (a folder of ``.txt`` files, e.g. the ``wikitext`` data set)
 or over text the model samples itself (``corpus="model"``, fixed seed). Results are cached
-per (model fingerprint, layer, corpus fingerprint, token count) in the cache dir.
+per (model fingerprint, block, corpus fingerprint, token count) in the cache dir.
 
->>> C = second_moment(lm, layer=5, corpus=fetch.path("wikitext", "text_corpus"),
+>>> C = second_moment(lm, block=5, corpus=fetch.path("wikitext", "text_corpus"),
 ...                   n_tokens=100_000)                  # doctest: +SKIP
 >>> C.shape                                              # doctest: +SKIP
 torch.Size([1536, 1536])
@@ -80,7 +80,7 @@ def _chunks_from_model(lm, n_tokens: int, seq_len: int, seed: int) -> list[list[
 @torch.no_grad()
 def second_moment(
     lm,
-    layer: int,
+    block: int,
     corpus: str | os.PathLike | None = None,
     n_tokens: int = 100_000,
     seq_len: int = 128,
@@ -88,7 +88,7 @@ def second_moment(
     seed: int = 0,
     progress: bool = True,
 ) -> torch.Tensor:
-    """``E[k k^T]`` (float64 ``[d_in, d_in]``) of the edited projection's input at ``layer``.
+    """``E[k k^T]`` (float64 ``[d_in, d_in]``) of the edited projection's input in block ``block``.
 
     ``corpus``: folder/file of text, or ``"model"`` to sample text from the model itself.
     """
@@ -100,7 +100,7 @@ def second_moment(
     else:
         files = corpus_files(corpus)
         cfp = corpus_fingerprint(files)
-    key = f"{lm.fingerprint}-L{layer}-{cfp}-n{n_tokens}-s{seq_len}"
+    key = f"{lm.fingerprint}-L{block}-{cfp}-n{n_tokens}-s{seq_len}"
     path = cache_dir() / "stats" / f"mom2-{key}.safetensors"
     if path.exists():
         try:
@@ -117,11 +117,11 @@ def second_moment(
         if files is None
         else _chunks_from_text(lm, files, n_tokens, seq_len)
     )
-    mod = mlp_out_module(lm.model, layer)
+    mod = mlp_out_module(lm.model, block)
     d_in = mod.weight.shape[0] if lm.adapter.conv1d else mod.weight.shape[1]
     acc = torch.zeros(d_in, d_in, dtype=torch.float64)
     count = 0
-    bar = tqdm(total=sum(len(c) for c in chunks), desc=f"mom2 layer {layer}", unit="tok",
+    bar = tqdm(total=sum(len(c) for c in chunks), desc=f"mom2 block {block}", unit="tok",
                disable=not progress)
     for s in range(0, len(chunks), batch_size):
         b = pad(chunks[s : s + batch_size], lm.tok.pad_token_id, lm.device)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 #: the columns that name a grid point (a method's setting), present or not in a frame
-POINT_COLUMNS = ("method", "lam", "layer", "align_layers", "centered", "batch")
+POINT_COLUMNS = ("method", "lam", "block", "align_layers", "centered", "batch")
 
 
 def ci_mean(x, n_boot: int = 10_000, level: float = 0.95, seed: int = 0
@@ -186,8 +186,8 @@ def sentences(df: pd.DataFrame, metrics: Sequence[str], baseline: str = "rome",
     when the interval excludes 0 and p < ``alpha``; "no verdict" when the interval excludes
     0 but there are too few edits for the test (the exact sign-flip p of n edits is at
     least 2 / 2^n: p < 0.05 takes 6); "no difference shown" when it includes 0. ``by``: a
-    grid column to compare within (e.g. ``"layer"`` when the baseline ran at several
-    edited layers).
+    grid column to compare within (e.g. ``"block"`` when the baseline ran at several
+    edited blocks).
 
     >>> df = pd.DataFrame(dict(case_id=[1, 2, 3, 1, 2, 3], method=["rome"] * 3 + ["steam-rome"] * 3,
     ...                        lam=[None] * 3 + [20.0] * 3, efficacy=[0, 1, 1, 1, 1, 1]))

@@ -188,7 +188,12 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print) -> pd.DataFrame:
         frames[part] = pd.concat([a, b], ignore_index=True)
     table = claims_table(frames)
     secs = time.perf_counter() - t0
-    md = report(table, cfg, lam_c, len(cf), len(port), cf_why, port_why, secs)
+    from .store import Store
+
+    tune = Store(run / "tune").frame() if (run / "tune" / "points").is_dir() else pd.DataFrame()
+    compute = {"tuning": tune, **frames}
+    md = report(table, cfg, lam_c, len(cf), len(port), cf_why, port_why, secs,
+                {k: _minutes(d) for k, d in compute.items()})
     write_text(run / "claims.md", md)
     table.to_csv(run / "claims.csv", index=False)
     log(md)
@@ -217,13 +222,21 @@ def claims_table(frames: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _minutes(df: pd.DataFrame) -> float:
+    """Minutes the points of ``df`` took, each its own ``seconds`` (the first point of a
+    request includes the optimisation of every target vector its grid shares)."""
+    return float(df["seconds"].fillna(0).sum()) / 60 if "seconds" in df.columns else 0.0
+
+
 def _setting(lam, centered) -> str:
     c = centered in (True, "True")
     return f"λ={float(lam):g} {'centred' if c else 'raw'}"
 
 
 def report(table: pd.DataFrame, cfg: ClaimsConfig, lam_c: float, n_cf: int, n_port: int,
-           cf_why: dict, port_why: dict, seconds: float) -> str:
+           cf_why: dict, port_why: dict, seconds: float, minutes: dict | None = None) -> str:
+    """The markdown report. ``minutes``: part -> minutes its points took (all of them, also
+    those of earlier, resumed invocations)."""
     short = (f"; fewer than the {cfg.n_port} asked for: every screened case with an anchor is "
              "used" if n_port < cfg.n_port else "")
     lines = [
@@ -242,6 +255,11 @@ def report(table: pd.DataFrame, cfg: ClaimsConfig, lam_c: float, n_cf: int, n_po
     for r in table.itertuples():
         lines.append(f"| {r.claim} | {r.setting} | {r.n} | {r.rome:.3f} | {r.steam:.3f} | "
                      f"{r.effect:+.3f} [{r.low:+.3f}, {r.high:+.3f}] | {r.p:.3g} | {r.verdict} |")
-    lines += ["", f"Wall time: {seconds / 60:.1f} min (resumed parts count only their new "
-                  "points)."]
+    if minutes:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in minutes.items())
+        lines += ["", f"Compute: {sum(minutes.values()):.1f} min, the sum of every point's own "
+                      f"time ({parts}; a point's time also holds whatever else the machine ran "
+                      "meanwhile), not counting the screening's recall checks."]
+    lines += ["", f"Wall time of this invocation: {seconds / 60:.1f} min (a resumed run counts "
+                  "only its new points here)."]
     return "\n".join(lines) + "\n"

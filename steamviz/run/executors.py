@@ -59,7 +59,7 @@ def plan(runner) -> list[tuple[list[str], list, dict]]:
 
     reqs = runner.requests()
     return [([runner.keys(r, p, batch) for r in batch], batch, p)
-            for batch, p in units(reqs, grid(runner.cfg, runner.hp.layer))]
+            for batch, p in units(reqs, grid(runner.cfg, runner.hp.block))]
 
 
 def make_executor(name: str, cfg, lm=None, log=print, **options):

@@ -3,10 +3,14 @@ spans (:func:`grid`), the order they run in (:func:`units`) and each point's key
 (:func:`point_key`). Pure data: nothing here loads a model.
 
 >>> cfg = SweepConfig(n_edits=10, methods=["rome", "steam-rome"], lams=[5, 20, 50])
->>> [p["method"] for p in grid(cfg, default_layer=5)][:3]           # doctest: +SKIP
+>>> [p["method"] for p in grid(cfg, default_block=5)][:3]           # doctest: +SKIP
 ['unedited', 'rome', 'steam-rome']
 
-Config schema: YAML keys = :class:`SweepConfig` fields; unknown keys are refused.
+Config schema: YAML keys = :class:`SweepConfig` fields; unknown keys are refused. Keys
+renamed since (``edit_layers`` -> ``edit_blocks``; ``layer`` -> ``block`` in ``hparams``;
+an editor's renamed fields in ``method_params``) are read under their old names
+(:meth:`SweepConfig.upgrade`). Vocabulary: ``block`` is a decoder-block index, ``layer`` a
+residual-stream index (:mod:`steamviz.edit.hparams`).
 """
 
 from __future__ import annotations
@@ -27,8 +31,12 @@ class ConfigError(ValueError):
 @dataclass
 class SweepConfig:
     """A sweep. ``data``: 'default' (data/edits.jsonl), 'counterfact' (shared val set) or a
-    file path. ``align_layers``: list of layer lists, or "default" (mid layers above the
-    edited block). ``edit_layers``: None = the model's default ROME layer."""
+    file path. ``align_layers``: list of stream-layer lists, or "default" (mid layers above
+    the edited block). ``edit_blocks``: the edited blocks (None: the model's default ROME
+    block)."""
+
+    #: old config key -> new one (read by :meth:`upgrade`)
+    RENAMED = {"edit_layers": "edit_blocks"}
 
     model: str | None = None
     device: str = "auto"
@@ -37,7 +45,7 @@ class SweepConfig:
     offset: int = 0
     methods: list = field(default_factory=lambda: ["rome", "steam-rome"])
     lams: list = field(default_factory=lambda: [20.0])
-    edit_layers: list | None = None
+    edit_blocks: list | None = None
     align_layers: list = field(default_factory=lambda: ["default"])
     centered: list = field(default_factory=lambda: [False])
     include_unedited: bool = True
@@ -75,13 +83,41 @@ class SweepConfig:
     def from_dict(cls, d: dict) -> "SweepConfig":
         if not isinstance(d, dict):
             raise ConfigError("a sweep config is a mapping of keys to values")
+        d = cls.upgrade(d)
         names = {f.name: f for f in dataclasses.fields(cls)}
         for k in d:
+            if k in cls.RENAMED:  # both the old and the new name were given
+                raise ConfigError(f"config key {k!r} is {cls.RENAMED[k]!r} now, which is given "
+                                  "too; keep one")
             if k not in names:
                 raise ConfigError(f"unknown config key {k!r}; allowed: {sorted(names)}")
         cfg = cls(**d)
         cfg.validate()
         return cfg
+
+    @classmethod
+    def upgrade(cls, d: dict) -> dict:
+        """A config mapping written before a rename, in today's names: renamed keys, ROME's
+        renamed fields in ``hparams`` and each editor's in ``method_params`` (a name that is
+        both old and new in one mapping is left for validation to refuse)."""
+        from ..edit.editors import spec
+        from ..edit.hparams import renamed
+        from ..edit.rome_hparams import ROMEHparams
+
+        out = {cls.RENAMED.get(k, k) if cls.RENAMED.get(k) not in d else k: v
+               for k, v in d.items()}
+        if isinstance(out.get("hparams"), dict):
+            out["hparams"] = renamed(ROMEHparams, out["hparams"])
+        if isinstance(out.get("method_params"), dict):
+            mp = {}
+            for m, params in out["method_params"].items():
+                try:
+                    cls_ = spec(m).params
+                except ValueError:
+                    cls_ = None
+                mp[m] = renamed(cls_, params) if cls_ and isinstance(params, dict) else params
+            out["method_params"] = mp
+        return out
 
     @classmethod
     def from_yaml(cls, path) -> "SweepConfig":
@@ -93,8 +129,8 @@ class SweepConfig:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         return cls.from_dict(d)
 
-    def validate(self, n_layers: int | None = None) -> None:
-        """Refuse a bad value naming its key (:class:`ConfigError`). With ``n_layers`` (the
+    def validate(self, n_blocks: int | None = None) -> None:
+        """Refuse a bad value naming its key (:class:`ConfigError`). With ``n_blocks`` (the
         model's depth, :func:`steamviz.core.models.model_depth`), block indices are checked too."""
         from ..edit.editors import check_params, methods
 
@@ -111,8 +147,8 @@ class SweepConfig:
             isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0
             for x in self.lams), "lams", "a list of numbers >= 0")
         need(isinstance(self.n_edits, int) and self.n_edits > 0, "n_edits", "a positive integer")
-        need(self.edit_layers is None or (isinstance(self.edit_layers, list) and all(
-            isinstance(x, int) for x in self.edit_layers)), "edit_layers", "null or a list of ints")
+        need(self.edit_blocks is None or (isinstance(self.edit_blocks, list) and all(
+            isinstance(x, int) for x in self.edit_blocks)), "edit_blocks", "null or a list of ints")
         need(isinstance(self.align_layers, list) and all(
             x == "default" or (isinstance(x, list) and all(isinstance(i, int) for i in x))
             for x in self.align_layers), "align_layers", 'a list of "default" or lists of ints')
@@ -153,16 +189,17 @@ class SweepConfig:
         need(isinstance(self.device, str) and (
             self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")),
             "device", '"auto", "cpu", "cuda", "cuda:N" or "mps"')
-        top = "" if n_layers is None else f" and < {n_layers} (the model's blocks)"
-        need(all(0 <= x < (n_layers or 10**9) for x in self.edit_layers or []), "edit_layers",
+        top = "" if n_blocks is None else f" and < {n_blocks} (the model's blocks)"
+        need(all(0 <= x < (n_blocks or 10**9) for x in self.edit_blocks or []), "edit_blocks",
              f"block indices >= 0{top}")
-        need(all(x == "default" or all(0 <= i < (n_layers or 10**9) for i in x)
-                 for x in self.align_layers), "align_layers", f"block indices >= 0{top}")
+        top = "" if n_blocks is None else f" and <= {n_blocks} (the model's stream layers)"
+        need(all(x == "default" or all(1 <= i <= (n_blocks or 10**9) for i in x)
+                 for x in self.align_layers), "align_layers", f"stream layers >= 1{top}")
         need(isinstance(self.hparams, dict), "hparams", "a mapping of ROME hyperparameters")
-        why = check_params("rome", self.hparams, n_layers)
+        why = check_params("rome", self.hparams, n_blocks)
         need(why is None, "hparams", why)
         for m, params in self.method_params.items():
-            why = check_params(str(m), params, n_layers)
+            why = check_params(str(m), params, n_blocks)
             need(why is None, "method_params", f"{m}: {why}")
 
     def to_dict(self) -> dict:
@@ -175,7 +212,7 @@ class SweepConfig:
 
 
 def axes(method: str) -> tuple[str, ...]:
-    """The grid axes of ``method`` -- ``layer`` (edited block), ``lam`` (alignment strength,
+    """The grid axes of ``method`` -- ``block`` (edited block), ``lam`` (alignment strength,
     alignment layers, centring), ``batch`` (requests edited at once) -- as registered
     (:func:`steamviz.edit.editors.spec`); the ``unedited`` point has none."""
     from ..edit.editors import spec
@@ -183,33 +220,33 @@ def axes(method: str) -> tuple[str, ...]:
     return () if str(method).lower() == "unedited" else spec(method).axes
 
 
-def grid(cfg: SweepConfig, default_layer: int) -> list[dict]:
+def grid(cfg: SweepConfig, default_block: int) -> list[dict]:
     """The grid points (without requests).
 
-    Each point holds ``method, layer, lam, align_layers, centered``; points of batch
+    Each point holds ``method, block, lam, align_layers, centered``; points of batch
     editors also hold ``batch`` (the number of requests edited at once); with
     ``anchor_seeds``, every point also holds ``anchor_seed``.
     """
     pts = []
-    layers = cfg.edit_layers or [default_layer]
+    blocks = cfg.edit_blocks or [default_block]
     if cfg.include_unedited:
-        pts.append(dict(method="unedited", layer=None, lam=None, align_layers=None,
+        pts.append(dict(method="unedited", block=None, lam=None, align_layers=None,
                         centered=None))
     for m in cfg.methods:
         m = m.lower()
         has = axes(m)
         batches = cfg.batch_sizes if "batch" in has else [None]
-        for b in batches:
-            for L in layers if "layer" in has else [None]:
+        for size in batches:
+            for block in blocks if "block" in has else [None]:
                 if "lam" in has:
                     steam = [(float(lam), al, c) for lam in cfg.lams for al in cfg.align_layers
                              for c in cfg.centered]
                 else:
                     steam = [(None, None, None)]
                 for lam, al, c in steam:
-                    pt = dict(method=m, layer=L, lam=lam, align_layers=al, centered=c)
-                    if b is not None:
-                        pt["batch"] = int(b)
+                    pt = dict(method=m, block=block, lam=lam, align_layers=al, centered=c)
+                    if size is not None:
+                        pt["batch"] = int(size)
                     pts.append(pt)
     if cfg.anchor_seeds is None:  # one seed: points keep their keys of before the axis
         return pts
@@ -229,9 +266,23 @@ def units(requests: list, points: list[dict]) -> list[tuple[list, dict]]:
     return out
 
 
+#: names as they were in keys before the block/layer rename: a point's key is computed from
+#: them, so run folders written before it resume
+KEY_NAMES = {"block": "layer", "blocks": "layers", "block_span": "layer_span"}
+
+
+def _key_names(d):
+    if not isinstance(d, dict):
+        return d
+    return {KEY_NAMES.get(k, k): _key_names(v) for k, v in d.items()}
+
+
 def point_key(fingerprint: str, request: dict, point: dict, hparams: dict, seed: int,
               extra: dict) -> str:
-    blob = json.dumps(dict(model=fingerprint, request=request, point=point, hparams=hparams,
-                           seed=seed, **extra), sort_keys=True, default=str)
+    """The store key of a point: a hash of everything that determines its row. Parameter
+    names enter in their names of before the block/layer rename (:data:`KEY_NAMES`)."""
+    blob = json.dumps(dict(model=fingerprint, request=request, point=_key_names(point),
+                           hparams=_key_names(hparams), seed=seed, **_key_names(extra)),
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 

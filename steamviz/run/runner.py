@@ -25,12 +25,12 @@ class Runner:
 
         self.cfg = cfg
         self.lm = lm or load_model(cfg.model, device=cfg.device)
-        cfg.validate(self.lm.n_layers)  # block indices (a model whose config was not readable)
+        cfg.validate(self.lm.n_blocks)  # block indices (a model whose config was not readable)
         budget = {} if cfg.early_stop else {"early_stop_loss": 0.0}  # matched: fixed steps
         self.hp = ROMEHparams.for_model(self.lm).replace(**{"seed": cfg.seed, **budget,
                                                             **cfg.hparams})
         self._references = None
-        self._prefetched: set = set()  # (request, layer) whose target vectors are computed
+        self._prefetched: set = set()  # (request, block) whose target vectors are computed
         # the anchor-free metrics of an edit that does not depend on the anchor seed (the
         # unedited model, ROME, ...), measured once and shared by that edit's seed points
         self._evaluated: dict = {}
@@ -87,8 +87,8 @@ class Runner:
         from ..edit.steam import default_layers
 
         al = point.get("align_layers") or "default"
-        L = point["layer"] if point.get("layer") is not None else self.hp.layer
-        return default_layers(self.lm, L) if al == "default" else list(al)
+        b = point["block"] if point.get("block") is not None else self.hp.block
+        return default_layers(self.lm, b) if al == "default" else list(al)
 
     def keys(self, req, point, batch: list | None = None) -> str:
         extra = dict(gen=self.cfg.generation, tokens=self.cfg.max_new_tokens, k=self.cfg.knn_k,
@@ -103,7 +103,7 @@ class Runner:
         if params:
             extra["method_params"] = params
         return point_key(self.lm.fingerprint, req.to_dict(), point,
-                         self.hp.replace(layer=point["layer"] or self.hp.layer).to_dict(),
+                         self.hp.replace(block=point["block"] or self.hp.block).to_dict(),
                          self.cfg.seed, extra)
 
     def measure(self, req, point, edit_info: dict | None) -> dict:
@@ -147,8 +147,8 @@ class Runner:
         m = point["method"]
         kw = dict(self.cfg.method_params.get(m) or {})
         has = axes(m)
-        if "layer" in has:
-            kw.update(layer=point["layer"], hparams=self.hp)
+        if "block" in has:
+            kw.update(block=point["block"], hparams=self.hp)
         if "lam" in has:
             kw.update(lam=point["lam"], layers=self.align_layers(point),
                       centered=point["centered"], bank=self.bank())
@@ -172,8 +172,8 @@ class Runner:
     def prefetch(self, req, point) -> None:
         """Optimise together the target vectors of every point of the grid whose method edits
         through ROME's v* (registry ``vstar``: ROME, STEAM-ROME) for ``req`` at ``point``'s
-        edit layer (lambdas, alignment sets, centring, anchor seeds and plain ROME:
-        :func:`steamviz.edit.rome.compute_vs`), once per request and layer; the edits then
+        edited block (lambdas, alignment sets, centring, anchor seeds and plain ROME:
+        :func:`steamviz.edit.rome.compute_vs`), once per request and block; the edits then
         read them from ROME's cache. The group is always the whole grid's, so
         a resumed run, a Ray worker and a fresh run compute the same vectors."""
         from ..edit import rome
@@ -184,11 +184,11 @@ class Runner:
 
         if not vstar(point):
             return
-        mark = (req.case_id, req.subject, req.target_new, point["layer"])
+        mark = (req.case_id, req.subject, req.target_new, point["block"])
         if mark in self._prefetched:
             return
         self._prefetched.add(mark)
-        pts = [p for p in grid(self.cfg, self.hp.layer) if vstar(p) and p["layer"] == point["layer"]
+        pts = [p for p in grid(self.cfg, self.hp.block) if vstar(p) and p["block"] == point["block"]
                and not self.skipped([req], p)]
         if len(pts) < 2:
             return

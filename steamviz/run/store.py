@@ -88,6 +88,8 @@ class Store:
             if row is None:
                 bad.append(p.name)
             else:
+                if "layer" in row and "block" not in row:  # written before the rename
+                    row["block"] = row.pop("layer")
                 out.append(row)
         if bad:
             import warnings

@@ -1,4 +1,4 @@
-"""Sweeps: edit requests x a grid (method, lambda, edited layer, alignment layers), every
+"""Sweeps: edit requests x a grid (method, lambda, edited block, alignment layers), every
 metric in one tidy table, resumable.
 
 >>> cfg = SweepConfig(n_edits=10, methods=["rome", "steam-rome"], lams=[5, 20, 50])  # doctest: +SKIP
@@ -9,7 +9,7 @@ Results store: ``RUN/points/<key>.json``, one file per finished point, written a
 request, method, hyperparameters, seed). Re-running skips finished points; a run killed at
 any moment loses at most the point in flight. ``RUN/config.yaml`` and ``RUN/versions.json``
 record what ran. Work shared across grid points is done once: context prompts, keys and the
-lower-layer caches (``rome.prepare``), anchors, the reference bank and pre-edit metrics.
+lower-block caches (``rome.prepare``), anchors, the reference bank and pre-edit metrics.
 
 Config schema (YAML keys = :class:`SweepConfig` fields; unknown keys are refused).
 
@@ -54,6 +54,7 @@ def _config_change(run_dir: Path, cfg: SweepConfig) -> list[str]:
     # a key the record lacks is a key added to steamviz since: the recorded run used the
     # behaviour of its default
     default = yaml.safe_load(yaml.safe_dump(SweepConfig().to_dict(), sort_keys=False))
+    old = SweepConfig.upgrade(old) if isinstance(old, dict) else {}
     old = {**{k: default[k] for k in set(new) - set(old) if k in default}, **old}
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
@@ -72,7 +73,7 @@ def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
 
     from ..core.models import model_depth
 
-    depth = getattr(lm, "n_layers", None) if lm is not None else model_depth(cfg.model)
+    depth = getattr(lm, "n_blocks", None) if lm is not None else model_depth(cfg.model)
     cfg.validate(depth)  # block indices too, before any load
     _check_data(cfg)
     run_dir = Path(run_dir)
@@ -160,7 +161,7 @@ def _check_data(cfg: SweepConfig) -> None:
 def _log_row(log, req, point, row) -> None:
     lam = "" if point["lam"] is None else f" lam={point['lam']:g}"
     b = f" batch={point['batch']}" if point.get("batch") else ""
-    log(f"[point] {req.case_id} {point['method']}{lam}{b} L={point['layer']}: "
+    log(f"[point] {req.case_id} {point['method']}{lam}{b} block={point['block']}: "
         f"eff={_fmt(row.get('efficacy'))} para={_fmt(row.get('paraphrase'))} "
         f"nbhd={_fmt(row.get('neighborhood'))} cos_c={_fmt(row.get('cos_centered'))} "
         f"knn={_fmt(row.get('knn_share'))} ({row['seconds']:.1f} s)")
@@ -171,7 +172,7 @@ def _fmt(x) -> str:
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean metrics per grid point (method, lambda, layer, alignment set, centring, batch).
+    """Mean metrics per grid point (method, lambda, block, alignment set, centring, batch).
     Integration columns are held out (paraphrases); ``*_trained`` is the rewrite prompt and
     ``*_control`` the same measurement against other objects' anchors. For paired
     differences with confidence intervals use :func:`steamviz.measure.compare.paired`."""
@@ -179,7 +180,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
                         "consistency", "cos_raw", "cos_centered", "cos_centered_control",
                         "cos_centered_trained", "knn_share", "axis", "steps", "final_nll",
                         "edit_seconds"] if c in df.columns]
-    by = ["method", "lam", "layer", "align_layers", "centered"]
+    by = ["method", "lam", "block", "align_layers", "centered"]
     d = df.copy()
     if "batch" in d.columns:
         by.append("batch")  # anchor seeds are averaged over, as edits are

@@ -81,9 +81,9 @@ def run_demo(lm, out, n_edits: int = 4, lam: float | None = None, map_layer: int
     out = Path(out)
     lam = DEFAULT_LAM if lam is None else float(lam)
     hp = ROMEHparams.for_model(lm).replace(early_stop_loss=0.0, **(hparams or {}))
-    align = default_layers(lm, hp.layer)
+    align = default_layers(lm, hp.block)
     layer = align[len(align) // 2] if map_layer is None else int(map_layer)
-    late = min(lm.n_layers - 1, round(0.85 * lm.n_layers))  # past the alignment layers
+    late = min(lm.n_blocks - 1, round(0.85 * lm.n_blocks))  # past the alignment layers
     reqs = load_edits(limit=n_edits)
     log(f"[demo] {len(reqs)} edits, ROME and STEAM-ROME (lambda {lam:g}, alignment layers "
         f"{align[0]}-{align[-1]}), {hp.v_num_grad_steps} steps each; building references")
@@ -172,7 +172,7 @@ def _numbers(rows, align, layer, lam, hp, n_map) -> dict:
                 e[m]["seconds"] = round(s["seconds"], 1)
         edits.append(e)
     return dict(edits=edits, lam=lam, align_layers=align, map_layer=layer, map_facts=n_map,
-                steps=hp.v_num_grad_steps, edit_layer=hp.layer)
+                steps=hp.v_num_grad_steps, edit_block=hp.block)
 
 
 def _table(summary) -> list[list[str]]:
@@ -250,7 +250,7 @@ def _write(out: Path, rows, figs, summary, pngs, png_note) -> None:
     steam_eff = sum(x["steam-rome"]["efficacy"] for x in e)
     lead = (f"{len(e)} edits of the default edit set; ROME and STEAM-ROME (lambda "
             f"{summary['lam']:g}, alignment layers {summary['align_layers'][0]}-"
-            f"{summary['align_layers'][-1]}, edited block {summary['edit_layer']}, "
+            f"{summary['align_layers'][-1]}, edited block {summary['edit_block']}, "
             f"{summary['steps']} steps each). New object preferred over the old on the rewrite "
             f"prompt: ROME {rome_eff}/{len(e)}, STEAM {steam_eff}/{len(e)}. "
             f"Run time {summary['seconds']:.0f} s.")

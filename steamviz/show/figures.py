@@ -154,7 +154,7 @@ def paired_layer_difference(df: pd.DataFrame, col: str = "cos_centered_layers",
     fig.update_yaxes(title=f"Δ {what}, method − {label(baseline)}<br>(held out; mean ± 95% CI)")
     if main.empty:
         return style(fig, title=f"no {baseline!r} rows to pair with")
-    keys = [c for c in ("method", "lam", "layer", "align_layers", "centered", "batch")
+    keys = [c for c in ("method", "lam", "block", "align_layers", "centered", "batch")
             if c in main.columns]
     parts = [g for _, g in main.groupby(keys, sort=False, dropna=False)]
     pk = [(g.iloc[0]["method"], g.iloc[0].get("lam"), g.iloc[0].get("centered")) for g in parts]
@@ -335,27 +335,29 @@ def logit_lens_lines(rows: list[dict] | pd.DataFrame, log: bool = True,
 
 def run_align_layers(df: pd.DataFrame) -> list[int] | None:
     """STEAM's alignment layers of a sweep's rows when every STEAM row has the same ones
-    (``"default"`` resolved from the edited layer and the model's depth, which the per-layer
+    (``"default"`` resolved from the edited block and the model's depth, which the per-layer
     columns give); None otherwise."""
     from types import SimpleNamespace
 
+    from ..edit.editors import methods, spec
     from ..edit.steam import default_layers
 
-    st = df[df.method.astype(str).str.startswith("steam")]
-    if st.empty or "align_layers" not in st or "layer" not in st:
+    aligned_methods = [m for m in methods() if "lam" in spec(m).axes]
+    st = df[df.method.astype(str).str.lower().isin(aligned_methods)]
+    if st.empty or "align_layers" not in st or "block" not in st:
         return None
-    keys = {(str(a), str(v)) for a, v in zip(st.align_layers, st.layer)}
+    keys = {(str(a), str(v)) for a, v in zip(st.align_layers, st.block)}
     if len(keys) != 1:
         return None
-    al, layer = st.align_layers.iloc[0], st.layer.iloc[0]
+    al, block = st.align_layers.iloc[0], st.block.iloc[0]
     if isinstance(al, str) and al != "default":
         al = json.loads(al)
     if isinstance(al, list):
         return [int(i) for i in al]
     M = _layers_matrix(st.head(1), "cos_centered_layers") if "cos_centered_layers" in st else None
-    if M is None or not M.size or is_nan(layer):
+    if M is None or not M.size or is_nan(block):
         return None
-    return default_layers(SimpleNamespace(n_layers=M.shape[1] - 1), int(float(layer)))
+    return default_layers(SimpleNamespace(n_blocks=M.shape[1] - 1), int(float(block)))
 
 
 def sweep_figures(df: pd.DataFrame, log=print) -> dict[str, go.Figure]:
@@ -373,7 +375,7 @@ def sweep_figures(df: pd.DataFrame, log=print) -> dict[str, go.Figure]:
         try:
             made["paired_layer_difference"] = paired_layer_difference(
                 df, baseline=base, align_layers=align)
-        except ValueError as e:  # e.g. ROME at several edited layers: no single baseline
+        except ValueError as e:  # e.g. ROME at several edited blocks: no single baseline
             log(f"no paired-difference figure: {e}")
     if steered and df[df.method == steered].lam.dropna().nunique() >= 1:
         made["lambda_layer_heatmap"] = lambda_layer_heatmap(df, method=steered)

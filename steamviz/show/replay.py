@@ -27,14 +27,14 @@ def _points(runner) -> dict[str, dict]:
     """The grid points drawn: the run's first method with an alignment strength (STEAM-ROME)
     at its largest lambda (default alignment layers and no centring when the run has them),
     and the method it extends (ROME), both by the registry -- or, in a run without such a
-    method, every editor's first point -- at the run's first edit layer."""
+    method, every editor's first point -- at the run's first edited block."""
     from ..edit.editors import aligned
     from ..run.plan import grid
 
-    pts = [p for p in grid(runner.cfg, runner.hp.layer)
+    pts = [p for p in grid(runner.cfg, runner.hp.block)
            if p.get("batch") is None and p.get("anchor_seed") in (None, runner.cfg.seed)]
-    first = next((p["layer"] for p in pts if p["layer"] is not None), None)
-    pts = [p for p in pts if p["layer"] in (None, first)]
+    first = next((p["block"] for p in pts if p["block"] is not None), None)
+    pts = [p for p in pts if p["block"] in (None, first)]
     pair = aligned(p["method"] for p in pts)
     if pair is None:  # no aligned method: every editor's first point
         firsts: dict[str, dict] = {}

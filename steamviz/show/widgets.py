@@ -4,7 +4,7 @@
 >>> panel.widget                                  # display in JupyterLab  # doctest: +SKIP
 >>> panel.lam.value = 50.0                        # figures update at once # doctest: +SKIP
 
-- :class:`SweepExplorer`: a lambda slider and an alignment-layer-set / edited-layer
+- :class:`SweepExplorer`: a lambda slider and an alignment-layer-set / edited-block
   selector over precomputed sweep results; plotly ``FigureWidget`` s update in place; a "run"
   button computes a new grid point (progress bar) and adds it.
 - :class:`EditPanel`: subject, relation prompt, new object -> run an edit, show completions
@@ -54,7 +54,7 @@ def _canon(v) -> str | None:
 
 
 #: the grid columns of a STEAM point that the panel has a control for, and their labels
-_CONTROLS = {"lam": "λ", "layer": "edit layer", "align_layers": "align layers",
+_CONTROLS = {"lam": "λ", "block": "edited block", "align_layers": "align layers",
              "centered": "centred"}
 
 
@@ -67,7 +67,7 @@ def _options(col: str, values: pd.Series) -> list:
             continue
         if col == "lam":
             out[k] = float(v)
-        elif col == "layer":
+        elif col == "block":
             out[k] = int(float(v))
         elif col == "centered":
             out[k] = k == "True"
@@ -79,14 +79,14 @@ def _options(col: str, values: pd.Series) -> list:
 
 
 class SweepExplorer:
-    """Explore a sweep by alignment strength and layer choice (see module docstring).
+    """Explore a sweep by alignment strength and edited block (see module docstring).
 
-    ``axis``: ``"lam"`` (alignment strength) or ``"layer"`` (edited layer): the slider.
-    Every other grid column of the STEAM rows (edited layer or lambda, alignment-layer set,
+    ``axis``: ``"lam"`` (alignment strength) or ``"block"`` (edited block): the slider.
+    Every other grid column of the STEAM rows (edited block or lambda, alignment-layer set,
     centring) gets a dropdown (disabled when the sweep holds one value), so no trace ever
     averages rows of different grid points. Every trace is recomputed from the rows that
     match the current value of every control: STEAM-ROME at all of them, ROME at the
-    selected edited layer, the unedited model from all of its rows (anchor seeds and edits
+    selected edited block, the unedited model from all of its rows (anchor seeds and edits
     are averaged over, as in :func:`steamviz.run.sweep.summarize`).
     """
 
@@ -98,8 +98,8 @@ class SweepExplorer:
 
         from ..edit.editors import aligned, spec
 
-        if axis not in ("lam", "layer"):
-            raise ValueError(f"axis must be 'lam' or 'layer' (got {axis!r})")
+        if axis not in ("lam", "block"):
+            raise ValueError(f"axis must be 'lam' or 'block' (the edited block; got {axis!r})")
         self.df = df.copy()
         self.runner = runner
         self.requests = requests
@@ -132,12 +132,12 @@ class SweepExplorer:
         start = float(max(values))
         if axis == "lam":
             first = start * 2 if start else 10.0
-        else:  # an edit layer the sweep does not have yet, inside the model
-            n = getattr(getattr(runner, "lm", None), "n_layers", None)
+        else:  # an edited block the sweep does not have yet, inside the model
+            n = getattr(getattr(runner, "lm", None), "n_blocks", None)
             free = [x for x in range(n - 1) if x not in {int(v) for v in values}] if n else []
             first = float(free[len(free) // 2]) if free else start + 1
         self.new_value = W.FloatText(value=first,
-                                     description="new λ" if axis == "lam" else "new layer")
+                                     description="new λ" if axis == "lam" else "new block")
         self.run_button = W.Button(description="run point", icon="play",
                                    disabled=runner is None or requests is None)
         self.status = W.HTML()
@@ -157,7 +157,7 @@ class SweepExplorer:
 
     @property
     def lam(self):
-        """The axis slider (named for the lambda axis; also the layer slider)."""
+        """The axis slider (named for the lambda axis; also the edited-block slider)."""
         return self.slider
 
     # --- data ---------------------------------------------------------------------
@@ -175,9 +175,9 @@ class SweepExplorer:
         return self._match(self.df[self.df.method == self.method], self.controls)
 
     def _baseline(self, method: str) -> pd.DataFrame:
-        """The base method's rows (ROME) at the selected edited layer; the unedited model's."""
+        """The base method's rows (ROME) at the selected edited block; the unedited model's."""
         d = self.df[self.df.method == method]
-        return d if method == "unedited" else self._match(d, ["layer"])
+        return d if method == "unedited" else self._match(d, ["block"])
 
     def _lines(self) -> list[tuple[str, str, pd.DataFrame]]:
         """(trace name, method, rows) of each line of the cosine figure, in trace order."""
@@ -258,7 +258,7 @@ class SweepExplorer:
 
         lams = steam.lam.dropna() if "lam" in steam else pd.Series(dtype=float)
         align = cur("align_layers", "default")
-        point = dict(method=self.method, layer=int(cur("layer", self.runner.hp.layer)),
+        point = dict(method=self.method, block=int(cur("block", self.runner.hp.block)),
                      lam=float(cur("lam", lams.iloc[0] if len(lams) else 20.0)),
                      align_layers=align if align == "default" else json.loads(align),
                      centered=bool(cur("centered", False)))
@@ -266,7 +266,7 @@ class SweepExplorer:
         return point
 
     def run_point(self, value: float) -> pd.DataFrame:
-        """Compute STEAM-ROME at a new lambda (or edited layer) for the requests, at the
+        """Compute STEAM-ROME at a new lambda (or edited block) for the requests, at the
         current value of every other control; add the rows and move the slider there."""
         from tqdm.auto import tqdm
 
