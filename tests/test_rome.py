@@ -153,6 +153,21 @@ def test_second_moment_statistics_cached_and_used(lm, tmp_path, monkeypatch):
     assert torch.linalg.eigvalsh(C).min() > -1e-6
     files = list((tmp_path / "stats").iterdir())
     assert len(files) == 1
+    # the mean of k k^T over every token: a plain loop, one chunk at a time (no padding), the
+    # whole model, float64 per token (second_moment batches by length, float32 per batch)
+    from steamviz.core.arch import mlp_out_module
+
+    ks = []
+    h = mlp_out_module(lm.model, 5).register_forward_hook(
+        lambda m, a, o: ks.append(a[0][0].double()))
+    try:
+        for chunk in stats.text_chunks(lm, stats.corpus_files(corpus), 2000, 128):
+            with torch.no_grad():
+                lm.model(input_ids=torch.tensor([chunk]))
+    finally:
+        h.remove()
+    K = torch.cat(ks)
+    torch.testing.assert_close(C, K.T @ K / len(K), rtol=1e-4, atol=1e-5)
     again = stats.second_moment(lm, 5, corpus=corpus, n_tokens=2000, progress=False)
     assert torch.equal(C, again)
     hp = ROMEHparams.for_model(lm).replace(v_num_grad_steps=3, mom2_adjustment=True,

@@ -50,7 +50,10 @@ def corpus_fingerprint(files: list[Path]) -> str:
     return h.hexdigest()[:12]
 
 
-def _chunks_from_text(lm, files: list[Path], n_tokens: int, seq_len: int) -> list[list[int]]:
+def text_chunks(lm, files: list[Path], n_tokens: int, seq_len: int) -> list[list[int]]:
+    """Token chunks of the corpus ``files`` as :func:`second_moment` reads them: one per line
+    longer than 80 characters, cut to ``seq_len`` with the model's start tokens first, until
+    ``n_tokens`` tokens."""
     out, total = [], 0
     for f in files:
         text = f.read_text(encoding="utf-8", errors="ignore")
@@ -115,26 +118,39 @@ def second_moment(
     chunks = (
         _chunks_from_model(lm, n_tokens, seq_len, seed)
         if files is None
-        else _chunks_from_text(lm, files, n_tokens, seq_len)
+        else text_chunks(lm, files, n_tokens, seq_len)
     )
     mod = mlp_out_module(lm.model, block)
-    d_in = mod.weight.shape[0] if lm.adapter.conv1d else mod.weight.shape[1]
-    acc = torch.zeros(d_in, d_in, dtype=torch.float64)
-    count = 0
-    bar = tqdm(total=sum(len(c) for c in chunks), desc=f"mom2 block {block}", unit="tok",
-               disable=not progress)
-    for s in range(0, len(chunks), batch_size):
-        b = pad(chunks[s : s + batch_size], lm.tok.pad_token_id, lm.device)
-        keep = b.attention_mask.bool()
-        got, _ = read(lm, b.input_ids, b.attention_mask, {"k": Tap(mod, "input")})
-        k = got["k"][keep].double().cpu()
-        acc += k.T @ k
-        count += k.shape[0]
-        bar.update(int(keep.sum()))
-    bar.close()
+    acc, count = accumulate(chunks, batch_size, lm.tok.pad_token_id, lm.device,
+                            lambda b: read(lm, b.input_ids, b.attention_mask,
+                                           {"k": Tap(mod, "input")})[0]["k"],
+                            desc=f"mom2 block {block}" if progress else None)
     C = acc / max(count, 1)
     save_tensors(path, {"C": C}, dict(kind="mom2", key=key, tokens=count))
     return C
+
+
+def accumulate(chunks: list[list[int]], batch_size: int, pad_id: int, device, keys,
+               desc: str | None = None) -> tuple[torch.Tensor, int]:
+    """``(sum of k k^T over every real token, token count)`` of ``keys(batch) -> [batch, T,
+    d_in]``. Chunks are batched by length (little padding), each batch's ``k^T k`` is one
+    float32 product on the model's device, and the batches are summed in float64 on the CPU.
+    Reused by ``benchmarks/bench_stats.py`` so its baselines differ only in ``keys``."""
+    order = sorted(range(len(chunks)), key=lambda i: len(chunks[i]))
+    acc, count = None, 0
+    bar = tqdm(total=sum(len(c) for c in chunks), desc=desc, unit="tok", disable=desc is None)
+    for s in range(0, len(order), batch_size):
+        b = pad([chunks[i] for i in order[s : s + batch_size]], pad_id, device)
+        keep = b.attention_mask.bool()
+        k = keys(b)[keep].float()
+        prod = (k.T @ k).double().cpu()
+        acc = prod if acc is None else acc + prod
+        count += k.shape[0]
+        bar.update(int(keep.sum()))
+    bar.close()
+    if acc is None:
+        raise ValueError("second-moment statistics of an empty corpus")
+    return acc, count
 
 
 def inverse(C: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
