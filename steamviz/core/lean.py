@@ -1,7 +1,7 @@
-"""A lean forward of Llama-family decoder blocks, for optimisation loops over a few tokens.
+"""A lean forward of decoder blocks (Llama, Mistral, Qwen2, Qwen3, Gemma 3), for optimisation loops.
 
 ROME's v* loop (also STEAM-ROME's and MEMIT's z loop) runs the blocks above the edited
-layer on a handful of *suffix* tokens per row, with the prefix's keys and values cached,
+block on a handful of *suffix* tokens per row, with the prefix's keys and values cached,
 forward and backward, 25 times per edit. Through transformers' modules part of that time
 goes to module dispatch and cache bookkeeping. :class:`LeanStack` does the same arithmetic
 as transformers' Llama, Mistral, Qwen2, Qwen3 (q/k norms) and Gemma 3 blocks (four
@@ -145,7 +145,7 @@ class _Proj:
 
 
 class LeanStack:
-    """Blocks ``start..`` of a Llama-family causal LM as tensor arithmetic (see module doc).
+    """Blocks ``start..`` of a Llama, Qwen or Gemma 3 causal LM as tensor arithmetic (module doc).
 
     Build it per optimisation (it holds references to the current weights, and with
     ``matmul_dtype`` copies of them); do not keep it across edits of the model.

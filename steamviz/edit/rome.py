@@ -18,7 +18,7 @@ How it works (``block`` = the edited block, its MLP output projection ``W``):
    Speed: the blocks below ``block`` run once (their stream does not depend on the delta),
    the tokens before the subject's last one come from a key/value cache, block ``block``'s
    output is computed once, and each step runs the remaining tokens through blocks
-   ``block+1..`` only -- via :mod:`steamviz.core.lean` on Llama-family models --; logits are
+   ``block+1..`` only -- via :mod:`steamviz.core.lean` on Llama, Qwen and Gemma 3 models --; logits are
    computed only where a loss reads them. STEAM adds its alignment term through
    ``compute_v(..., align=...)``.
 3. rank-one update ``W += (v* - W k) u^T / (u . k)`` with ``u = C^-1 k*`` (``C`` the

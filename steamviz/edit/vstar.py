@@ -77,7 +77,7 @@ def compute_v(lm, prep: Prepared, hp: ROMEHparams | None = None, align: Align | 
     Each step runs only the suffix tokens through the blocks above the edited one: block
     ``hp.block`` does not depend on the delta (it is added to its MLP output), so its output is
     computed once. ``lean``: run those blocks through :class:`steamviz.core.lean.LeanStack`
-    (Llama-family models without hooks on the blocks; the same arithmetic with less
+    (Llama, Qwen and Gemma 3 models without hooks on the blocks; the same arithmetic with less
     overhead) -- ``None`` uses it where it applies, ``False`` always uses the model's
     modules, ``True`` raises where it does not apply.
 
