@@ -104,8 +104,7 @@ class SweepConfig:
         from ..edit.hparams import renamed
         from ..edit.rome_hparams import ROMEHparams
 
-        out = {cls.RENAMED.get(k, k) if cls.RENAMED.get(k) not in d else k: v
-               for k, v in d.items()}
+        out = renamed(cls, d)
         if isinstance(out.get("hparams"), dict):
             out["hparams"] = renamed(ROMEHparams, out["hparams"])
         if isinstance(out.get("method_params"), dict):
