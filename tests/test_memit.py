@@ -113,15 +113,16 @@ def _subject_last(lm, text_before_subject_end: str) -> int:
 
 
 def _spy_compute_v(monkeypatch):
+    """Every target vector MEMIT optimises (it calls rome.compute_vs, z_batch at a time)."""
     from steamviz import rome
 
-    seen, real = [], rome.compute_v
+    seen, real = [], rome.compute_vs
 
     def spy(*a, **k):
-        seen.append(real(*a, **k))
-        return seen[-1]
+        seen.extend(real(*a, **k))
+        return seen[-len(a[3] if len(a) > 3 else k["aligns"]):]
 
-    monkeypatch.setattr(rome, "compute_v", spy)
+    monkeypatch.setattr(rome, "compute_vs", spy)
     return seen
 
 
@@ -220,3 +221,33 @@ def test_keys_are_the_mean_of_per_type_means(tokenizer, monkeypatch):
 
     torch.testing.assert_close(dW, expect(k_types), rtol=1e-4, atol=1e-7)
     assert not torch.allclose(dW, expect(k_flat), rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # the lean forward and the model's modules
+def test_batched_z_equal_one_request_at_a_time(arch, tokenizer):
+    """MEMIT's z of several requests (different lengths: padded) optimised together
+    (z_batch) equal each optimised alone, and so do the edits they make."""
+    from conftest import build_tiny
+
+    lm = build_tiny(arch, tokenizer)
+    reqs = [TORONTO,
+            EditRequest(prompt="{} is the capital of", subject="Oslo", target_new="Peru",
+                        target_true="Norway"),
+            EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux",
+                        target_new="English language", target_true="French")]
+    hp = MEMITHparams(blocks=(1, 2), v_num_grad_steps=5, early_stop_loss=0.0,
+                      context_template_length_params=((5, 2),))
+    out = {}
+    for zb in (1, 3):
+        clear_caches("memit")
+        clear_caches("rome")
+        with memit.apply(lm, reqs, hp.replace(z_batch=zb)) as e:
+            out[zb] = ({k: d.clone() for k, d in e.deltas.items()}, e.info["final_losses"])
+    (d1, l1), (d3, l3) = out[1], out[3]
+    assert d1.keys() == d3.keys()
+    for k in d1:
+        torch.testing.assert_close(d3[k], d1[k], rtol=1e-3, atol=1e-5)
+    for a, b in zip(l1, l3):
+        assert b["nll"] == pytest.approx(a["nll"], rel=1e-4, abs=1e-5)
+    with pytest.raises(ValueError, match="z_batch"):
+        hp.replace(z_batch=0)

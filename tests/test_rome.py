@@ -309,3 +309,68 @@ def test_batched_target_vectors_equal_one_at_a_time(tokenizer, arch):
             assert (got.delta - one.delta).norm() <= 1e-4 * one.delta.norm()
     stopped = rome.compute_vs(lm, prep, base.replace(**stop), aligns, early_stop_on="total")
     assert stopped[0].steps == 3 and max(v.steps for v in stopped) > 3  # groups stopped apart
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # the lean forward, the model's modules
+def test_target_vectors_of_many_requests_in_one_batch_equal_one_at_a_time(tokenizer, arch):
+    """compute_vs with one preparation per objective (MEMIT's batch): requests of different
+    prefix, suffix and target lengths (padded), each with its own objective and norm
+    reference, give each one's compute_v result; groups that stop early leave the batch."""
+    from conftest import build_tiny
+
+    from steamviz.edit.steam import AlignLoss
+
+    lm = build_tiny(arch, tokenizer)
+    reqs = [REQ,
+            EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux",
+                        target_new="English language", target_true="French"),
+            EditRequest(prompt="{} plays", subject="Ed", target_new="the violin",
+                        target_true="piano")]
+    g = torch.Generator().manual_seed(2)
+    phi = torch.randn(2, 64, generator=g)
+    aligns = [None, AlignLoss(lam=5.0, layers=[2, 3], phi=phi), None, AlignLoss(
+        lam=20.0, layers=[2, 3], phi=phi, center=torch.randn(2, 64, generator=g))]
+    which = [0, 1, 2, 0]  # the first request twice: two objectives
+    base = ROMEHparams(block=1, v_num_grad_steps=6, **FAST)
+    preps = [rome.prepare(lm, r, base, use_cache=False) for r in reqs]
+    assert len({p.h_suffix.shape[1] for p in preps}) > 1  # padding is exercised
+    assert len({p.mask4d.shape[-1] - p.h_suffix.shape[1] for p in preps}) > 1
+    assert len({p.tgt_rows.shape[0] for p in preps}) > 1
+    refs = [None, torch.randn(64, generator=g) * 3, None, None]
+    # stop the group with the lowest loss after its third step; the others run on
+    runs = [v.losses for v in rome.compute_vs(lm, [preps[i] for i in which], base, aligns,
+                                                norm_ref=refs)]
+    low = min(runs, key=lambda r: r[3]["loss"])
+    stop = dict(early_stop_loss=(low[2]["loss"] + low[3]["loss"]) / 2)
+    for hp in (base, base.replace(**stop)):
+        many = rome.compute_vs(lm, [preps[i] for i in which], hp, aligns, norm_ref=refs)
+        for i, a, ref, got in zip(which, aligns, refs, many):
+            one = rome.compute_v(lm, preps[i], hp, align=a, norm_ref=ref)
+            assert got.steps == one.steps
+            for x, y in zip(got.losses, one.losses):
+                assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
+            torch.testing.assert_close(got.delta, one.delta, rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(got.target, preps[i].v_init + one.delta, rtol=1e-3,
+                                       atol=1e-4)
+    assert len({v.steps for v in many}) > 1  # groups stopped apart, and left the batch
+    with pytest.raises(ValueError, match="one each"):
+        rome.compute_vs(lm, preps[:2], base, [None])
+    with pytest.raises(ValueError, match="same block"):
+        rome.compute_vs(lm, [preps[0], rome.prepare(lm, REQ, base.replace(block=2))], base,
+                        [None, None])
+
+
+@pytest.mark.model
+def test_target_vectors_of_many_requests_equal_one_at_a_time_real(lm):
+    """The same on SmolLM2: three CounterFact-like requests of different lengths."""
+    reqs = [REQ,
+            EditRequest(prompt="The official language of {} is", subject="Brazil",
+                        target_new="Japanese", target_true="Portuguese"),
+            EditRequest(prompt="{}, whose capital is", subject="Hungary",
+                        target_new="Buenos Aires", target_true="Budapest")]
+    hp = ROMEHparams.for_model(lm).replace(v_num_grad_steps=4, early_stop_loss=0.0, **FAST)
+    preps = [rome.prepare(lm, r, hp, use_cache=False) for r in reqs]
+    many = rome.compute_vs(lm, preps, hp, [None] * 3)
+    for p, got in zip(preps, many):
+        one = rome.compute_v(lm, p, hp)
+        assert (got.delta - one.delta).norm() <= 1e-4 * one.delta.norm()
