@@ -67,3 +67,13 @@ def test_a_tiny_claims_run_end_to_end(tmp_path, lm):
     assert set(t.setting) == {"λ=50 raw", "λ=20 centred"}
     assert set(t.n) <= {2} and (tmp_path / "claims" / "tuning.json").exists()
     assert "Compute: " in md and "(tuning " in md and ", cf " in md and ", port " in md
+    # the run folder moved (another machine, a checkout): it resumes there, nothing recomputed
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "claims").rename(moved)
+
+    def count():
+        return {p: len(list((moved / p / "points").glob("*.json"))) for p in ("cf", "port")}
+
+    before = count()
+    assert run_claims(cfg, moved, lm=lm, log=lambda s: None).equals(t)
+    assert count() == before

@@ -86,3 +86,33 @@ def test_a_run_recorded_before_a_config_key_existed_resumes(tmp_path):
     assert _config_change(tmp_path, cfg) == []
     other = SweepConfig.from_dict(dict(n_edits=2, generation=False, widen_to=0))
     assert _config_change(tmp_path, other) == ["widen_to"]
+
+
+def test_a_moved_run_folder_resumes_and_a_changed_input_file_is_refused(tmp_path):
+    """The config names files (a claims run's requests file lives in its run folder): after
+    the folder moves, the same bytes under another path are the same input; other bytes
+    under any path are a change."""
+    import shutil
+
+    import yaml
+
+    from steamviz.data.datasets import load_named
+    from steamviz.run.sweep import SweepConfig, _config_change, _write_inputs
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    _filled(a).close()
+    reqs = a / "requests.jsonl"
+    reqs.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in load_named("default", 2)))
+    cfg = SweepConfig.from_dict(dict(data=str(reqs), n_edits=2, generation=False))
+    (a / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    _write_inputs(a, cfg)
+    assert set(json.loads((a / "inputs.json").read_text())) == {"data"}
+    shutil.copytree(a, b)
+    shutil.rmtree(a)  # another machine: the recorded path is gone
+    moved = SweepConfig.from_dict(dict(data=str(b / "requests.jsonl"), n_edits=2,
+                                       generation=False))
+    assert _config_change(b, moved) == []
+    (b / "requests.jsonl").write_text(reqs.name)  # other bytes
+    assert _config_change(b, moved) == ["data"]
+    (b / "inputs.json").unlink()  # a folder written before inputs.json: the path decides
+    assert _config_change(b, moved) == ["data"]

@@ -8,8 +8,10 @@ Results store: ``RUN/points/<key>.json``, one file per finished point, written a
 (temp file + rename), keyed by a hash of the point's full configuration (model fingerprint,
 request, method, hyperparameters, seed). Re-running skips finished points; a run killed at
 any moment loses at most the point in flight. ``RUN/config.yaml`` and ``RUN/versions.json``
-record what ran. Work shared across grid points is done once: context prompts, keys and the
-lower-block caches (``rome.prepare``), anchors, the reference bank and pre-edit metrics.
+record what ran; ``RUN/inputs.json`` the sha256 of the files the config names, so a moved run
+folder (the same bytes under another path) resumes. Work shared across grid points is done
+once: context prompts, keys and the lower-block caches (``rome.prepare``), anchors, the
+reference bank and pre-edit metrics.
 
 Config schema (YAML keys = :class:`SweepConfig` fields; unknown keys are refused).
 
@@ -56,7 +58,37 @@ def _config_change(run_dir: Path, cfg: SweepConfig) -> list[str]:
     default = yaml.safe_load(yaml.safe_dump(SweepConfig().to_dict(), sort_keys=False))
     old = SweepConfig.upgrade(old) if isinstance(old, dict) else {}
     old = {**{k: default[k] for k in set(new) - set(old) if k in default}, **old}
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    # a file named by another path with the same bytes (the run folder moved, or a claims
+    # run resumed elsewhere) is the same input
+    files = _read_inputs(run_dir)
+    return [k for k in changed if not (k in files and _digest(new.get(k)) == files[k])]
+
+
+#: config keys that may name a file (a requests file, a facts file, ParaRel patterns)
+FILE_KEYS = ("data", "reference_facts", "pararel_patterns")
+
+
+def _digest(value) -> str | None:
+    """sha256 of the file ``value`` names, or None (not a string, or no such file)."""
+    if not isinstance(value, str) or not Path(value).is_file():
+        return None
+    return hashlib.sha256(Path(value).read_bytes()).hexdigest()
+
+
+def _read_inputs(run_dir: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((run_dir / "inputs.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_inputs(run_dir: Path, cfg: SweepConfig) -> None:
+    """RUN/inputs.json: the sha256 of each file the config names (see _config_change)."""
+    files = {k: _digest(getattr(cfg, k)) for k in FILE_KEYS}
+    write_json(run_dir / "inputs.json", {k: v for k, v in files.items() if v})
 
 
 def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
@@ -98,6 +130,7 @@ def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
         if not (hist / f"{digest}.yaml").exists():
             write_text(hist / f"{digest}.yaml", text)
         write_json(run_dir / "versions.json", versions())
+        _write_inputs(run_dir, cfg)
         moved = store.quarantine()
         if moved:
             log(f"[steamviz] {len(moved)} point file(s) could not be read; moved to "
