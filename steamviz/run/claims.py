@@ -134,8 +134,13 @@ def tune_centred_lambda(lm, cfg: ClaimsConfig, run: Path, log=print) -> float:
     return float(best)
 
 
-def run_claims(cfg: ClaimsConfig, out, lm=None, log=print) -> pd.DataFrame:
-    """Run (or resume) everything and write RUN/claims.md; returns the claims table."""
+def run_claims(cfg: ClaimsConfig, out, lm=None, log=print, executor: str = "local",
+               **executor_options) -> pd.DataFrame:
+    """Run (or resume) everything and write RUN/claims.md; returns the claims table.
+
+    ``executor`` (and ``executor_options``: ``address``, ``workers``) run the evaluated
+    sweeps' points elsewhere, as :func:`~steamviz.run.sweep.run_sweep` does (e.g. ``"ray"``
+    with 2 single-threaded workers on this 2-core CPU); screening and tuning run here."""
     from ..data import fetch
     from ..data.datasets import load_counterfact, load_mquake, load_zsre
     from ..core.models import load_model
@@ -183,8 +188,9 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print) -> pd.DataFrame:
                                          lams=[float(x) for x in cfg.lams], centered=[False]))
         cen = SweepConfig.from_dict(dict(base, methods=["steam-rome"], lams=[float(lam_c)],
                                          centered=[True], include_unedited=False))
-        a = run_sweep(raw, run / part, lm=lm, progress=False, log=log)
-        b = run_sweep(cen, run / f"{part}-centred", lm=lm, progress=False, log=log)
+        kw = dict(lm=lm, progress=False, log=log, executor=executor, **executor_options)
+        a = run_sweep(raw, run / part, **kw)
+        b = run_sweep(cen, run / f"{part}-centred", **kw)
         frames[part] = pd.concat([a, b], ignore_index=True)
     table = claims_table(frames)
     secs = time.perf_counter() - t0

@@ -188,18 +188,39 @@ class RayExecutor:
 
     def run(self, work: list, done) -> None:
         """Keep every worker busy with one unit; ``done(keys, batch, point, rows)`` for each
-        unit that comes back. A unit whose worker died goes back into the queue."""
+        unit that comes back. A unit whose worker died goes back into the queue.
+
+        The units of one request go to one worker (the first that takes one of them): a
+        worker optimises the target vectors of a request's whole grid together at its first
+        ROME / STEAM-ROME point (``Runner.prefetch``) and measures the request's other points
+        from that work; another worker would have to repeat it."""
         ray = self.ray
         died = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
         todo = deque(range(len(work)))
         idle = deque(range(len(self.actors)))
         running: dict = {}  # ObjectRef -> (worker slot, unit index)
         tries: Counter = Counter()
+        owner: dict = {}  # requests of a unit -> the worker slot that has them
+
+        ident = [repr([r.to_dict() for r in batch]) for _, batch, _ in work]
+
+        def take(slot):  # the first unit this worker may run, or None
+            for j, u in enumerate(todo):
+                if owner.setdefault(ident[u], slot) == slot:
+                    del todo[j]
+                    return u
+            return None
+
         while todo or running:
-            while todo and idle:
-                slot, u = idle.popleft(), todo.popleft()
+            for slot in list(idle):
+                u = take(slot)
+                if u is None:
+                    continue
+                idle.remove(slot)
                 _, batch, point = work[u]
                 running[self.actors[slot].run_unit.remote(batch, point)] = (slot, u)
+            if not running:  # every unit left belongs to a worker that is gone: impossible
+                raise ExecutorError("no worker can take the units left")
             ready, _ = ray.wait(list(running), num_returns=1)
             slot, u = running.pop(ready[0])
             try:
