@@ -23,7 +23,7 @@ def test_missing_named_model_is_offline_and_clear(tmp_path, monkeypatch):
 
 def test_cache_manifest_detects_corruption(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"hello")
-    digest = models._sha256(tmp_path / "a.bin")
+    digest = models.sha256_file(tmp_path / "a.bin")
     (tmp_path / "manifest.json").write_text(json.dumps({"files": {"a.bin": digest}}))
     assert _verify(tmp_path)
     (tmp_path / "a.bin").write_bytes(b"hellO")

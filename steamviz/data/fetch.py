@@ -23,7 +23,6 @@ and otherwise says which ``steamviz data get`` to run. Only ``get`` downloads.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -33,6 +32,8 @@ import urllib.request
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from ..core.io import sha256_file
 
 MIRROR_ENV = "STEAMVIZ_DATA_MIRROR"
 CHUNK = 1 << 16
@@ -81,14 +82,6 @@ def _files(name: str) -> list[File]:
     return src[name]["files"]
 
 
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _stamp(p: Path) -> Path:
     return p.with_name(p.name + ".verified")
 
@@ -102,7 +95,7 @@ def _verified(f: File, p: Path) -> bool:
     stamp = _stamp(p)
     if stamp.is_file() and stamp.read_text() == mark:
         return True
-    if _sha256(p) != f.sha256:
+    if sha256_file(p) != f.sha256:
         return False
     stamp.write_text(mark)
     return True
@@ -160,7 +153,7 @@ def _fetch_one(f: File, dest: Path, timeout: float) -> str:
             tried.append(f"{kind} {where}: interrupted at {have:,} of {f.size:,} bytes "
                          "(run the same command again to resume)")
             continue
-        got = _sha256(part)
+        got = sha256_file(part)
         if got != f.sha256:
             part.unlink(missing_ok=True)
             raise ChecksumError(

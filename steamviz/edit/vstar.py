@@ -95,15 +95,6 @@ def compute_v(lm, prep: Prepared, hp: ROMEHparams | None = None, align: Align | 
     return compute_vs(lm, prep, hp, [align], early_stop_on, lean, norm_ref)[0]
 
 
-def _tile(x, g: int):
-    """``x`` repeated ``g`` times along its first dimension (tuples and None kept)."""
-    if g == 1 or x is None:
-        return x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_tile(t, g) for t in x)
-    return x.repeat(g, *([1] * (x.dim() - 1)))
-
-
 def _pad_rows(prep: Prepared, P: int, S: int) -> dict:
     """``prep``'s suffix rows laid out for a prefix of ``P`` and a suffix of ``S`` tokens
     (its own: ``P_i``, ``S_i`` at most those): prefix keys left-padded, suffix tokens

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..core.io import write_json, write_text
+from ..core.io import sha256_file, write_json, write_text
 from .plan import (  # noqa: F401 (re-exported: steamviz.run.sweep is the public face)
     ConfigError,
     SweepConfig,
@@ -73,7 +73,7 @@ def _digest(value) -> str | None:
     """sha256 of the file ``value`` names, or None (not a string, or no such file)."""
     if not isinstance(value, str) or not Path(value).is_file():
         return None
-    return hashlib.sha256(Path(value).read_bytes()).hexdigest()
+    return sha256_file(value)
 
 
 def _read_inputs(run_dir: Path) -> dict:
