@@ -301,6 +301,10 @@ def _claims(args) -> int:
                        hparams=_params(args.param), candidates=args.candidates,
                        port_candidates=args.port_candidates,
                        recall_rule=args.recall, pararel_patterns=args.patterns)
+    if args.tune_lams:
+        cfg.tune_lams = args.tune_lams
+    if args.n_tune:
+        cfg.n_tune = args.n_tune
     _check_recall(args.recall)
     from .run.executors import ExecutorError
 
@@ -428,6 +432,11 @@ def main(argv=None) -> int:
                    help="raw-loss lambdas")
     q.add_argument("--centred-lam", type=float, default=None,
                    help="centred-loss lambda (default: tuned on the default edit set)")
+    q.add_argument("--tune-lams", type=float, nargs="+", default=None,
+                   help="centred-loss lambdas tried when tuning (default: 5 10 20 50 100 200;"
+                        " RUN/tuning.json keeps the grid it was tuned on, another one tunes again)")
+    q.add_argument("--n-tune", type=int, default=None,
+                   help="edits of the default edit set the tuning runs on (default: 20)")
     q.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a ROME hyperparameter override; repeatable")
     q.add_argument("--recall", default="greedy", help="recall rule of reference facts: "

@@ -77,3 +77,39 @@ def test_a_tiny_claims_run_end_to_end(tmp_path, lm):
     before = count()
     assert run_claims(cfg, moved, lm=lm, log=lambda s: None).equals(t)
     assert count() == before
+
+
+def test_the_stored_tuning_is_reused_only_for_its_own_grid(tmp_path, monkeypatch):
+    """RUN/tuning.json answers a run whose tuning grid (lambdas, edits, ROME overrides) is the
+    one it was tuned on; another grid tunes again (a wider grid may choose another lambda)."""
+    import steamviz.run.sweep as sweep
+    from steamviz.run.claims import tune_centred_lambda
+
+    calls = []
+
+    def fake_sweep(sc, run_dir, **kw):  # the centred gain grows with lambda; efficacy kept
+        calls.append((list(sc.lams), sc.n_edits, kw.get("force")))
+        rows = []
+        for c in range(8):
+            rows.append(dict(case_id=c, method="rome", lam=None, block=5, align_layers=None,
+                             centered=None, efficacy=1.0, cos_centered=0.1 + 0.01 * c))
+            for lam in sc.lams:
+                rows.append(dict(case_id=c, method="steam-rome", lam=lam, block=5,
+                                 align_layers="default", centered=True, efficacy=1.0,
+                                 cos_centered=0.1 + 0.01 * c + 1e-3 * lam + 1e-4 * (c % 3)))
+        return pd.DataFrame(rows)
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
+    run = tmp_path / "claims"
+    run.mkdir()
+    cfg = ClaimsConfig(tune_lams=[5.0, 50.0], n_tune=8)
+    assert tune_centred_lambda(None, cfg, run, log=lambda s: None) == 50.0
+    assert tune_centred_lambda(None, cfg, run, log=lambda s: None) == 50.0
+    assert len(calls) == 1  # the same grid: read from RUN/tuning.json
+    said = []
+    wider = ClaimsConfig(tune_lams=[5.0, 50.0, 200.0], n_tune=8)
+    assert tune_centred_lambda(None, wider, run, log=said.append) == 200.0
+    assert calls[-1] == ([5.0, 50.0, 200.0], 8, True) and "tuning again" in said[0]
+    other = ClaimsConfig(tune_lams=[5.0, 50.0, 200.0], n_tune=8, hparams={"v_lr": 0.1})
+    tune_centred_lambda(None, other, run, log=lambda s: None)
+    assert len(calls) == 3  # ROME overrides are part of the grid

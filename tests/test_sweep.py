@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -269,6 +270,46 @@ def test_sweep_optimises_a_requests_objectives_together(tmp_path, lm, monkeypatc
         assert row.steps == e.info["steps"]
         assert row.final_nll == pytest.approx(one["nll"], rel=1e-3, abs=1e-4)
     assert calls[1:] == [1, 1, 1]
+
+
+@pytest.mark.model
+def test_a_resumed_sweep_reads_its_saved_target_vectors(tmp_path, lm, monkeypatch):
+    """The target vectors a request's grid optimises together are saved in RUN/vstar: a run
+    stopped after ROME's point (the STEAM points not written yet) resumes in a new process
+    without optimising them again, and its rows equal the uninterrupted run's."""
+    from steamviz import rome, vstar
+
+    calls = []
+    real = rome.compute_vs
+
+    def spy(lm_, prep, hp, aligns=(None,), *a, **k):
+        calls.append(len(list(aligns)))
+        return real(lm_, prep, hp, aligns, *a, **k)
+
+    for where in (rome, vstar):
+        monkeypatch.setattr(where, "compute_vs", spy)
+    clear_caches("rome")
+    cfg = SweepConfig.from_dict(dict(SMALL, n_edits=1, lams=[5.0, 50.0], include_unedited=False))
+    run = tmp_path / "run"
+    full = run_sweep(cfg, run, lm=lm, progress=False, log=lambda s: None)
+    assert calls == [3] and len(list((run / "vstar").glob("*.safetensors"))) == 3
+    steam = full[full.method == "steam-rome"]
+    for key in steam.key:  # stopped after ROME's point
+        (run / "points" / f"{key}.json").unlink()
+    clear_caches("rome")  # a new process
+    again = run_sweep(cfg, run, lm=lm, progress=False, log=lambda s: None)
+    assert calls == [3]  # read back, not optimised again
+    cols = ["key", "steps", "final_nll", "efficacy", "cos_centered", "knn_share"]
+    pd.testing.assert_frame_equal(again.sort_values("key")[cols].reset_index(drop=True),
+                                  full.sort_values("key")[cols].reset_index(drop=True))
+    # a file holding another key's vector is not read: that objective is optimised again
+    f = sorted((run / "vstar").glob("*.safetensors"))
+    f[0].write_bytes(f[1].read_bytes())
+    for key in steam.key:
+        (run / "points" / f"{key}.json").unlink()
+    clear_caches("rome")
+    run_sweep(cfg, run, lm=lm, progress=False, log=lambda s: None)
+    assert calls == [3, 1]
 
 
 @pytest.mark.model

@@ -31,6 +31,7 @@ SmolLM2's tokenizer adds no BOS: steamviz puts the model's start token before ev
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -128,6 +129,60 @@ def compute_collected(wanted: list) -> int:
 
 
 _V_CACHE_MAX = 4096
+
+#: bump when the optimisation of v* changes: saved target vectors of another version are
+#: not read (:func:`load_saved`)
+VSTAR_FORMAT = 1
+
+
+def _file_key(key: tuple) -> tuple[str, str]:
+    """``(file stem, description)`` of a cache key, without the process-local model id."""
+    import hashlib
+
+    desc = repr((VSTAR_FORMAT, key[0]) + tuple(key[2:]))
+    return hashlib.sha256(desc.encode()).hexdigest()[:24], desc
+
+
+def load_saved(wanted: list, folder) -> int:
+    """Put the target vectors of ``wanted`` (see :func:`collect`) that :func:`save_computed`
+    wrote into ``folder`` into the cache, so a resumed sweep, or another process of it, does
+    not optimise them again; returns how many were read. A file of another key (or another
+    :data:`VSTAR_FORMAT`) is not read."""
+    from ..core.io import load_tensors
+
+    n = 0
+    for _lm, _prep, _hp, _align, _early, key in wanted:
+        if key in _V_CACHE:
+            continue
+        stem, desc = _file_key(key)
+        path = Path(folder) / f"{stem}.safetensors"
+        if not path.exists():
+            continue
+        t, meta = load_tensors(path, expect={"delta": (None,), "target": (None,)})
+        if meta.get("key") != desc:
+            continue
+        _V_CACHE[key] = VResult(t["delta"], t["target"], losses=meta["losses"],
+                                steps=int(meta["steps"]), seconds=float(meta["seconds"]))
+        n += 1
+    return n
+
+
+def save_computed(wanted: list, folder) -> int:
+    """Write the cached target vectors of ``wanted`` into ``folder`` (safetensors, one file
+    per objective, atomically), those not there yet; returns how many were written."""
+    from ..core.io import save_tensors
+
+    n = 0
+    for _lm, _prep, _hp, _align, _early, key in wanted:
+        v = _V_CACHE.get(key)
+        stem, desc = _file_key(key)
+        path = Path(folder) / f"{stem}.safetensors"
+        if v is None or path.exists():
+            continue
+        save_tensors(path, {"delta": v.delta, "target": v.target},
+                     dict(key=desc, losses=v.losses, steps=v.steps, seconds=v.seconds))
+        n += 1
+    return n
 
 
 def target_vector(lm, prep: Prepared, hp: ROMEHparams, align=None, early_stop_on: str = "rome"

@@ -40,7 +40,9 @@ class ClaimsConfig:
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     lams: list = field(default_factory=lambda: [20.0, 50.0])
     centred_lam: float | None = None  # None: tune on the default edit set
-    tune_lams: list = field(default_factory=lambda: [5.0, 10.0, 20.0, 50.0])
+    # centred-loss lambdas tried on the default edit set (wide enough that the choice is not
+    # the grid's edge: 50 was, on the grid up to 50)
+    tune_lams: list = field(default_factory=lambda: [5.0, 10.0, 20.0, 50.0, 100.0, 200.0])
     n_tune: int = 20
     candidates: int = 400  # CounterFact val cases screened for anchors
     # portability cases screened (None: every one in the data; few have anchors, as their
@@ -116,20 +118,28 @@ def tune_centred_lambda(lm, cfg: ClaimsConfig, run: Path, log=print) -> float:
     from .sweep import SweepConfig, run_sweep
 
     path = run / "tuning.json"
+    grid = dict(tune_lams=[float(x) for x in cfg.tune_lams], n_tune=int(cfg.n_tune),
+                hparams=dict(cfg.hparams))
     if path.exists():
-        return float(json.loads(path.read_text())["centred_lam"])
+        stored = json.loads(path.read_text())
+        if stored.get("grid") == grid:
+            return float(stored["centred_lam"])
+        log(f"[claims] RUN/tuning.json was tuned on {stored.get('grid', 'an unrecorded grid')},"
+            f" this run asks for {grid}: tuning again (points already in RUN/tune are reused)")
     sc = SweepConfig.from_dict(dict(
         data="default", n_edits=cfg.n_tune, methods=["rome", "steam-rome"],
         lams=[float(x) for x in cfg.tune_lams], centered=[True], generation=False,
         include_unedited=False, hparams=dict(cfg.hparams), bank_size=cfg.bank_size))
-    df = run_sweep(sc, run / "tune", lm=lm, progress=False, log=log)
+    # RUN/tune is this function's own folder: a changed grid adds its points to it (and
+    # only this grid's points are read back)
+    df = run_sweep(sc, run / "tune", lm=lm, progress=False, log=log, force=True)
     t = paired(df, ["efficacy", "cos_centered"])
     eff = t[t.metric == "efficacy"].set_index("lam")
     cos = t[t.metric == "cos_centered"].set_index("lam")
     ok = [lam for lam in cos.index if eff.loc[lam, "low"] > -0.02]
     best = max(ok or list(cos.index), key=lambda lam: cos.loc[lam, "diff"])
     write_json(path, dict(centred_lam=float(best), tuned_on=f"default edit set, first "
-                          f"{cfg.n_tune}", table=t.to_dict(orient="records")))
+                          f"{cfg.n_tune}", grid=grid, table=t.to_dict(orient="records")))
     log(f"[claims] centred lambda {best:g} (tuned on the default edit set)")
     return float(best)
 

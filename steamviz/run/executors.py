@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 from collections import Counter, deque
 
 EXECUTORS = ("local", "ray")
@@ -62,30 +63,31 @@ def plan(runner) -> list[tuple[list[str], list, dict]]:
             for batch, p in units(reqs, grid(runner.cfg, runner.hp.block))]
 
 
-def make_executor(name: str, cfg, lm=None, log=print, **options):
+def make_executor(name: str, cfg, lm=None, log=print, vstar_dir=None, **options):
     """An executor by name. ``lm``: the local executor's model (Ray workers load ``cfg.model``
-    themselves). ``options`` (``None`` values are ignored) go to :class:`RayExecutor`."""
+    themselves). ``vstar_dir``: the runners' saved target vectors (:class:`~steamviz.run.
+    runner.Runner`). ``options`` (``None`` values are ignored) go to :class:`RayExecutor`."""
     options = {k: v for k, v in options.items() if v is not None}
     name = str(name).lower()
     if name == "local":
         if options:
             raise ExecutorError(f"options {sorted(options)} need --executor ray")
-        return LocalExecutor(cfg, lm)
+        return LocalExecutor(cfg, lm, vstar_dir)
     if name == "ray":
-        return RayExecutor(cfg, log=log, **options)
+        return RayExecutor(cfg, log=log, vstar_dir=vstar_dir, **options)
     raise ExecutorError(f"unknown executor {name!r}; choose one of {list(EXECUTORS)}")
 
 
 class LocalExecutor:
     """Runs the units one after the other in this process."""
 
-    def __init__(self, cfg, lm=None):
-        self.cfg, self.lm, self.runner = cfg, lm, None
+    def __init__(self, cfg, lm=None, vstar_dir=None):
+        self.cfg, self.lm, self.runner, self.vstar_dir = cfg, lm, None, vstar_dir
 
     def plan(self) -> list:
         from .runner import Runner
 
-        self.runner = Runner(self.cfg, self.lm)
+        self.runner = Runner(self.cfg, self.lm, self.vstar_dir)
         return plan(self.runner)
 
     def run(self, work: list, done) -> None:
@@ -99,10 +101,10 @@ class LocalExecutor:
 class SweepWorker:
     """The body of one Ray actor: a Runner (the model loaded once) that runs work units."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, vstar_dir=None):
         from .runner import Runner
 
-        self.runner = Runner(cfg)
+        self.runner = Runner(cfg, vstar_dir=vstar_dir)
 
     def info(self) -> dict:
         return dict(pid=os.getpid(), host=socket.gethostname(), device=str(self.runner.lm.device))
@@ -126,7 +128,7 @@ class RayExecutor:
 
     def __init__(self, cfg, address: str | None = None, workers: int | None = None,
                  cpus_per_worker: int = 1, max_retries: int = 3, log=print,
-                 init_kwargs: dict | None = None):
+                 init_kwargs: dict | None = None, vstar_dir=None):
         for name, v, least in (("workers", workers, 1), ("cpus_per_worker", cpus_per_worker, 1),
                                ("max_retries", max_retries, 0)):
             if v is not None and (not isinstance(v, int) or v < least):
@@ -135,6 +137,9 @@ class RayExecutor:
         self.cfg, self.address, self.workers = cfg, address, workers
         self.cpus, self.max_retries, self.log = cpus_per_worker, max_retries, log
         self.init_kwargs = dict(init_kwargs or {})
+        # each worker saves and reads target vectors there (absolute: a worker's working
+        # directory is not this process's; on a cluster of several machines, each its own)
+        self.vstar_dir = None if vstar_dir is None else str(Path(vstar_dir).resolve())
         self.actors: list = []
         self._own_ray = False
 
@@ -164,7 +169,7 @@ class RayExecutor:
         self._actor = ray.remote(SweepWorker)
 
     def _new_actor(self):
-        return self._actor.options(**self.options).remote(self.cfg)
+        return self._actor.options(**self.options).remote(self.cfg, self.vstar_dir)
 
     def plan(self) -> list:
         """Start the workers (each loads the model once), then plan on one of them."""

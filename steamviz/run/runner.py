@@ -19,7 +19,9 @@ from .store import jsonable
 class Runner:
     """Holds the model and everything shared across points (see :func:`steamviz.run.sweep.run_sweep`)."""
 
-    def __init__(self, cfg: SweepConfig, lm=None):
+    def __init__(self, cfg: SweepConfig, lm=None, vstar_dir=None):
+        """``vstar_dir``: where the target vectors the grid optimises together are saved and
+        read back (``RUN/vstar`` in a sweep), so a resumed run does not optimise them again."""
         from ..core.models import load_model
         from ..edit.rome import ROMEHparams
 
@@ -29,6 +31,7 @@ class Runner:
         budget = {} if cfg.early_stop else {"early_stop_loss": 0.0}  # matched: fixed steps
         self.hp = ROMEHparams.for_model(self.lm).replace(**{"seed": cfg.seed, **budget,
                                                             **cfg.hparams})
+        self.vstar_dir = None if vstar_dir is None else Path(vstar_dir)
         self._references = None
         self._prefetched: set = set()  # (request, block) whose target vectors are computed
         # the anchor-free metrics of an edit that does not depend on the anchor seed (the
@@ -175,7 +178,8 @@ class Runner:
         edited block (lambdas, alignment sets, centring, anchor seeds and plain ROME:
         :func:`steamviz.edit.rome.compute_vs`), once per request and block; the edits then
         read them from ROME's cache. The group is always the whole grid's, so
-        a resumed run, a Ray worker and a fresh run compute the same vectors."""
+        a resumed run, a Ray worker and a fresh run compute the same vectors; with
+        ``vstar_dir`` they are saved there and read back by a resumed run."""
         from ..edit import rome
         from ..edit.editors import edit, spec
 
@@ -200,7 +204,11 @@ class Runner:
                     pass
                 else:  # an editor that does not go through ROME's target vector
                     raise RuntimeError(f"{p['method']} wrote an edit while collecting")
+        if self.vstar_dir is not None:
+            rome.load_saved(wanted, self.vstar_dir)
         rome.compute_collected(wanted)
+        if self.vstar_dir is not None:
+            rome.save_computed(wanted, self.vstar_dir)
 
     def run_point(self, req, point) -> dict:
         """Edit with one request, measure it, undo; one row."""

@@ -114,7 +114,8 @@ def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
         raise ConfigError(
             f"{run_dir} holds points of another config (changed: {', '.join(changed)}); write "
             "to another folder, or pass force=True (--force) to add this config's points to it")
-    ex = make_executor(executor, cfg, lm=lm, log=log, **executor_options)  # fails before any work
+    ex = make_executor(executor, cfg, lm=lm, log=log, vstar_dir=run_dir / "vstar",
+                       **executor_options)  # fails before any work
     try:
         store = Store(run_dir, writer=True)
     except StoreBusy:
