@@ -65,8 +65,12 @@ def test_batch_axis_only_for_batch_editors_and_units_chunk_requests():
     assert {(p["batch"], p["lam"]) for p in pts if p["method"] == "steam-memit"} == {
         (1, 20.0), (3, 20.0)}
     us = units(list("abcdefg"), [dict(method="memit", batch=3), dict(method="rome")])
-    assert [u[0] for u in us[:3]] == [list("abc"), list("def"), ["g"]]
-    assert [u[0] for u in us[3:]] == [[x] for x in "abcdefg"]
+    assert [u[0] for u in us if u[1]["method"] == "memit"] == [list("abc"), list("def"), ["g"]]
+    assert [u[0] for u in us if u[1]["method"] == "rome"] == [[x] for x in "abcdefg"]
+    # request by request (a batch at its first request), grid order within one: a run stopped
+    # early holds every point of its first requests
+    assert [("".join(u[0]), u[1]["method"]) for u in us[:5]] == [
+        ("abc", "memit"), ("a", "rome"), ("b", "rome"), ("c", "rome"), ("def", "memit")]
     with pytest.raises(ConfigError, match="'batch_sizes'"):
         SweepConfig.from_dict(dict(SMALL, batch_sizes=[0]))
     with pytest.raises(ConfigError, match="'method_params'"):

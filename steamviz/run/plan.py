@@ -253,16 +253,20 @@ def grid(cfg: SweepConfig, default_block: int) -> list[dict]:
 
 
 def units(requests: list, points: list[dict]) -> list[tuple[list, dict]]:
-    """Work units: ``(requests edited together, point)``. Batch points chunk the request
-    list into consecutive batches of ``point["batch"]``; every other point is one request."""
+    """Work units: ``(requests edited together, point)``, request by request (a batch unit at
+    its first request), each request's in grid order: a run stopped early holds every point of
+    its first requests, paired, rather than one method on all of them. Batch points chunk the
+    request list into consecutive batches of ``point["batch"]``; every other point is one
+    request."""
     out = []
     for p in points:
         b = p.get("batch")
         if b is None:
-            out += [([r], p) for r in requests]
+            out += [(i, [r], p) for i, r in enumerate(requests)]
         else:
-            out += [(requests[i : i + b], p) for i in range(0, len(requests), b)]
-    return out
+            out += [(i, requests[i : i + b], p) for i in range(0, len(requests), b)]
+    out.sort(key=lambda u: u[0])  # stable: grid order within a request
+    return [(batch, p) for _, batch, p in out]
 
 
 #: names as they were in keys before the block/layer rename: a point's key is computed from
