@@ -293,8 +293,17 @@ def _doctor(args) -> int:
 
 
 def _claims(args) -> int:
-    from .run.claims import ClaimsConfig, run_claims
+    from .run.claims import ClaimsConfig, report_so_far, run_claims
     from .core.models import load_model
+
+    if args.so_far:
+        try:
+            report_so_far(args.out)
+        except FileNotFoundError as e:
+            print(f"steamviz claims: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.out}/claims-so-far.md")
+        return 0
 
     cfg = ClaimsConfig(n_cf=args.n_cf, n_port=args.n_port, seeds=args.seeds,
                        lams=args.lams, centred_lam=args.centred_lam,
@@ -422,6 +431,9 @@ def main(argv=None) -> int:
     q = sub.add_parser("claims", help="STEAM's claims on public data: paired effects, CIs, "
                                       "verdicts (resumable)")
     q.add_argument("--out", required=True, help="run folder, e.g. runs/claims")
+    q.add_argument("--so-far", action="store_true",
+                   help="only write the table of the requests finished so far "
+                        "(RUN/claims-so-far.md; runs nothing, loads no model)")
     q.add_argument("--n-cf", type=int, default=200, help="CounterFact val cases with anchors")
     q.add_argument("--n-port", type=int, default=100, help="portability cases with anchors")
     q.add_argument("--candidates", type=int, default=400, help="CounterFact cases screened")

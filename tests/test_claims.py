@@ -113,3 +113,34 @@ def test_the_stored_tuning_is_reused_only_for_its_own_grid(tmp_path, monkeypatch
     other = ClaimsConfig(tune_lams=[5.0, 50.0, 200.0], n_tune=8, hparams={"v_lr": 0.1})
     tune_centred_lambda(None, other, run, log=lambda s: None)
     assert len(calls) == 3  # ROME overrides are part of the grid
+
+
+def test_the_table_so_far_pairs_only_the_finished_requests(tmp_path):
+    """`steamviz claims --so-far`: the requests that hold every point of their grid, no
+    model loaded; an unfinished request (ROME's point only) is left out, and said so."""
+    import yaml
+
+    from steamviz.run.claims import report_so_far
+    from steamviz.run.plan import SweepConfig
+    from steamviz.run.store import Store
+
+    run = tmp_path / "claims"
+    cfg = SweepConfig(n_edits=3, methods=["rome", "steam-rome"], lams=[20.0],
+                      include_unedited=False)
+    (run / "cf").mkdir(parents=True)
+    (run / "cf" / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    rows = _rows(dict(cos_centered=0.05), n=3)
+    rows = rows[(rows.lam.isna()) | (rows.lam == 20.0)]
+    rows = rows[~((rows.case_id == 2) & (rows.method == "steam-rome"))]  # still running
+    store = Store(run / "cf", writer=True)
+    for i, r in enumerate(rows.to_dict(orient="records")):
+        store.put(f"k{i}", {k: (None if isinstance(v, float) and np.isnan(v) else v)
+                            for k, v in r.items()})
+    store.close()
+    t = report_so_far(run, log=lambda s: None)
+    md = (run / "claims-so-far.md").read_text()
+    assert "cf: 2 of 3 requests" in md and "NOT the final report" in md
+    assert set(t.n) == {2} and set(t.setting) == {"λ=20 raw"}
+    assert not (run / "claims.md").exists()
+    with pytest.raises(FileNotFoundError, match="holds no claims run"):
+        report_so_far(tmp_path / "nothing")

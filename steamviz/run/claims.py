@@ -216,6 +216,59 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print, executor: str = "loca
     return table
 
 
+def report_so_far(out, log=print) -> pd.DataFrame:
+    """The table of a claims run that has not finished (nothing is run, no model loaded):
+    every part's requests that hold all their grid points, paired as in the full report.
+    Writes ``RUN/claims-so-far.md`` (and ``.csv``), saying how many requests each part has;
+    the full report (:func:`run_claims`) overwrites nothing of it."""
+    from .plan import SweepConfig, grid
+    from .store import Store
+
+    run = Path(out)
+    if not (run / "cf" / "points").is_dir():
+        raise FileNotFoundError(f"{run} holds no claims run (no {run / 'cf' / 'points'}); "
+                                f"start one with: steamviz claims --out {run}")
+    frames, counts, lam_c = {}, {}, None
+    for part in ("cf", "port"):
+        got = []
+        for sub in (part, f"{part}-centred"):
+            d = run / sub
+            if not (d / "points").is_dir():
+                continue
+            cfg = SweepConfig.from_yaml(d / "config.yaml")
+            df = Store(d).frame()
+            if not len(df):
+                continue
+            n_grid = len(grid(cfg, default_block=0))
+            per = df.groupby("case_id").size()
+            whole = set(per[per >= n_grid].index)
+            counts[sub] = (len(whole), cfg.n_edits)
+            if sub.endswith("centred"):
+                lam_c = float(cfg.lams[0])
+            got.append(df[df.case_id.isin(whole)])
+        frames[part] = pd.concat(got, ignore_index=True) if got else pd.DataFrame(
+            columns=["case_id", "method"])
+    table = claims_table({k: v for k, v in frames.items()})
+    said = "; ".join(f"{k}: {a} of {b} requests" for k, (a, b) in counts.items())
+    lines = ["# STEAM's claims on public data: the run so far (NOT the final report)", "",
+             f"Requests holding all their grid points, per part: {said}. Same pairing, CIs and "
+             "verdicts as the final report; centred-loss lambda "
+             f"{'not run yet' if lam_c is None else f'{lam_c:g}'}.", "",
+             "| claim | setting | n | ROME | STEAM | effect [95% CI] | p | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [_row(r) for r in table.itertuples()]
+    md = "\n".join(lines) + "\n"
+    write_text(run / "claims-so-far.md", md)
+    table.to_csv(run / "claims-so-far.csv", index=False)
+    log(md)
+    return table
+
+
+def _row(r) -> str:
+    return (f"| {r.claim} | {r.setting} | {r.n} | {r.rome:.3f} | {r.steam:.3f} | "
+            f"{r.effect:+.3f} [{r.low:+.3f}, {r.high:+.3f}] | {r.p:.3g} | {r.verdict} |")
+
+
 def claims_table(frames: dict) -> pd.DataFrame:
     """One row per claim and STEAM setting (see module docstring)."""
     from ..measure.compare import paired
@@ -225,7 +278,7 @@ def claims_table(frames: dict) -> pd.DataFrame:
         df = frames[part].copy()
         if metric == "cos_centered_specific" and "cos_centered_control" in df.columns:
             df[metric] = df["cos_centered"] - df["cos_centered_control"]
-        if metric not in df.columns:
+        if metric not in df.columns or not (df.method == "rome").any():
             continue
         t = paired(df[df.method.isin(["rome", "steam-rome"])], [metric])
         if metric == "fluency" and len(t):
@@ -268,9 +321,7 @@ def report(table: pd.DataFrame, cfg: ClaimsConfig, lam_c: float, n_cf: int, n_po
         "| claim | setting | n | ROME | STEAM | effect [95% CI] | p | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in table.itertuples():
-        lines.append(f"| {r.claim} | {r.setting} | {r.n} | {r.rome:.3f} | {r.steam:.3f} | "
-                     f"{r.effect:+.3f} [{r.low:+.3f}, {r.high:+.3f}] | {r.p:.3g} | {r.verdict} |")
+    lines += [_row(r) for r in table.itertuples()]
     if minutes:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in minutes.items())
         lines += ["", f"Compute: {sum(minutes.values()):.1f} min, the sum of every point's own "
