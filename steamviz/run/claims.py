@@ -248,7 +248,7 @@ def report_so_far(out, log=print) -> pd.DataFrame:
             got.append(df[df.case_id.isin(whole)])
         frames[part] = pd.concat(got, ignore_index=True) if got else pd.DataFrame(
             columns=["case_id", "method"])
-    table = claims_table({k: v for k, v in frames.items()})
+    table = claims_table(frames)
     said = "; ".join(f"{k}: {a} of {b} requests" for k, (a, b) in counts.items())
     lines = ["# STEAM's claims on public data: the run so far (NOT the final report)", "",
              f"Requests holding all their grid points, per part: {said}. Same pairing, CIs and "
