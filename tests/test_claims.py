@@ -47,6 +47,23 @@ def test_claims_table_has_a_row_per_claim_and_setting():
     assert len(spec) == 3 and set(spec.verdict) == {"supported"}
 
 
+def test_the_report_says_how_many_anchors_differ_by_seed():
+    """ROME's one edit measured against each seed's anchor: equal raw cosines at every seed
+    mean the seeds took the same facts, and the report counts the requests where they differ."""
+    from steamviz.run.claims import _seeds_line, distinct_anchors
+
+    rows = []
+    for case, cos in ((0, [0.1, 0.2, 0.3]), (1, [0.4, 0.4, 0.4]), (2, [0.5, 0.5, 0.6])):
+        for seed, c in enumerate(cos):
+            rows.append(dict(case_id=case, method="rome", anchor_seed=seed, cos_raw=c))
+            rows.append(dict(case_id=case, method="steam-rome", anchor_seed=seed, cos_raw=0.9))
+    rows.append(dict(case_id=3, method="rome", anchor_seed=0, cos_raw=0.2))  # one seed only
+    df = pd.DataFrame(rows)
+    assert distinct_anchors(df) == (2, 3)
+    assert "cf: 2 of 3 requests" in _seeds_line({"cf": df, "port": df.iloc[:0]})
+    assert distinct_anchors(df.drop(columns="anchor_seed")) == (0, 0)
+
+
 @pytest.mark.model
 @pytest.mark.slow
 def test_a_tiny_claims_run_end_to_end(tmp_path, lm):

@@ -209,7 +209,7 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print, executor: str = "loca
     tune = Store(run / "tune").frame() if (run / "tune" / "points").is_dir() else pd.DataFrame()
     compute = {"tuning": tune, **frames}
     md = report(table, cfg, lam_c, len(cf), len(port), cf_why, port_why, secs,
-                {k: _minutes(d) for k, d in compute.items()})
+                {k: _minutes(d) for k, d in compute.items()}, _seeds_line(frames))
     write_text(run / "claims.md", md)
     table.to_csv(run / "claims.csv", index=False)
     log(md)
@@ -257,6 +257,8 @@ def report_so_far(out, log=print) -> pd.DataFrame:
              "| claim | setting | n | ROME | STEAM | effect [95% CI] | p | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [_row(r) for r in table.itertuples()]
+    seeds = _seeds_line(frames)
+    lines += ["", seeds] if seeds else []
     md = "\n".join(lines) + "\n"
     write_text(run / "claims-so-far.md", md)
     table.to_csv(run / "claims-so-far.csv", index=False)
@@ -291,6 +293,34 @@ def claims_table(frames: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def distinct_anchors(df: pd.DataFrame) -> tuple[int, int]:
+    """(requests whose anchor seeds give different anchors, requests measured at 2 or more
+    seeds), read from ROME's points: one edit measured against each seed's anchor, so equal
+    raw cosines mean the seeds drew the same facts (no relation of the new object has more
+    recalled facts than an anchor takes: every seed takes them all)."""
+    if not len(df) or "anchor_seed" not in df.columns or "cos_raw" not in df.columns:
+        return 0, 0
+    r = df[(df.method == "rome") & df.cos_raw.notna()]
+    g = r.groupby("case_id").agg(seeds=("anchor_seed", "nunique"),
+                                 values=("cos_raw", "nunique"))
+    g = g[g.seeds > 1]
+    return int((g["values"] > 1).sum()), len(g)
+
+
+def _seeds_line(frames: dict) -> str:
+    said = []
+    for part, df in frames.items():
+        k, n = distinct_anchors(df)
+        if n:
+            said.append(f"{part}: {k} of {n} requests")
+    if not said:
+        return ""
+    return ("Anchor seeds give different anchors for " + "; ".join(said) + " (the others' "
+            "new object has no relation with more recalled facts than an anchor takes, so "
+            "every seed takes the same facts: averaging over seeds averages less than it "
+            "looks).")
+
+
 def _minutes(df: pd.DataFrame) -> float:
     """Minutes the points of ``df`` took, each its own ``seconds`` (the first point of a
     request includes the optimisation of every target vector its grid shares)."""
@@ -303,9 +333,10 @@ def _setting(lam, centered) -> str:
 
 
 def report(table: pd.DataFrame, cfg: ClaimsConfig, lam_c: float, n_cf: int, n_port: int,
-           cf_why: dict, port_why: dict, seconds: float, minutes: dict | None = None) -> str:
+           cf_why: dict, port_why: dict, seconds: float, minutes: dict | None = None,
+           seeds: str = "") -> str:
     """The markdown report. ``minutes``: part -> minutes its points took (all of them, also
-    those of earlier, resumed invocations)."""
+    those of earlier, resumed invocations); ``seeds``: how many anchors differ by seed."""
     short = (f"; fewer than the {cfg.n_port} asked for: every screened case with an anchor is "
              "used" if n_port < cfg.n_port else "")
     lines = [
@@ -322,6 +353,8 @@ def report(table: pd.DataFrame, cfg: ClaimsConfig, lam_c: float, n_cf: int, n_po
         "|---|---|---|---|---|---|---|---|",
     ]
     lines += [_row(r) for r in table.itertuples()]
+    if seeds:
+        lines += ["", seeds]
     if minutes:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in minutes.items())
         lines += ["", f"Compute: {sum(minutes.values()):.1f} min, the sum of every point's own "
