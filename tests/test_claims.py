@@ -66,6 +66,39 @@ def test_the_report_says_how_many_anchors_differ_by_seed():
 
 @pytest.mark.model
 @pytest.mark.slow
+def test_merged_data_sets_get_unique_case_ids():
+    # MQuAKE and zsRE both number their cases: the claims run's portability part held
+    # case 452 twice, and its table failed after every point had run
+    from steamviz.data.requests import EditRequest
+    from steamviz.run.claims import unique_case_ids
+
+    def r(i, subject="X"):
+        return EditRequest("{} is in", subject, "Y", case_id=i)
+
+    out = unique_case_ids({"a": [r(1), r(2), r(None)], "b": [r(2, "Z"), r(3), r(None)]})
+    assert [q.case_id for q in out] == [1, 2, None, "b:2", 3, None]
+    assert out[3].subject == "Z"  # the request itself is unchanged
+    with pytest.raises(ValueError, match="'b:2' repeats within 'b'"):
+        unique_case_ids({"a": [r(2)], "b": [r(2), r(2)]})
+
+
+def test_the_portability_cases_of_the_mirror_have_unique_ids():
+    from conftest import data_missing
+
+    from steamviz.run.claims import portability_requests
+
+    why = data_missing("mquake", "zsre")
+    if why:
+        pytest.skip(why)
+    with pytest.warns(UserWarning, match="'alt' equals the answer"):
+        reqs = portability_requests()
+    ids = [r.case_id for r in reqs]
+    assert len(set(ids)) == len(ids) == 627  # 129 MQuAKE single edits + 498 zsRE
+    renamed = [i for i in ids if isinstance(i, str)]
+    assert renamed and all(i.startswith("zsre:") for i in renamed)
+    assert "zsre:452" in renamed and 452 in ids
+
+
 def test_a_tiny_claims_run_end_to_end(tmp_path, lm):
     from conftest import data_missing
 

@@ -218,6 +218,15 @@ def test_block_indices_and_method_params_checked_against_the_model_before_any_wr
     cfg = SweepConfig.from_dict(dict(SMALL, offset=500))
     with pytest.raises(ConfigError, match="'offset': 500 skips every one"):
         run_sweep(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    # two data sets merged into one file, both numbering from 0: their rows would be paired
+    # as one request's (seen: MQuAKE's and zsRE's case 452 in the claims run's portability)
+    rec = dict(prompt="{} is located in", subject="Toronto", target_new="Japan")
+    lines = [dict(rec, case_id=452), dict(rec, subject="Oslo", case_id=7),
+             dict(rec, subject="Lima", case_id=452)]
+    (tmp_path / "twice.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = SweepConfig.from_dict(dict(SMALL, data=str(tmp_path / "twice.jsonl"), n_edits=3))
+    with pytest.raises(ConfigError, match="'data': case ids repeat .*452.*own case_id"):
+        run_sweep(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
     assert not (tmp_path / "run").exists()  # nothing written, no model loaded
 
 

@@ -105,6 +105,43 @@ def _anchored(lm, requests, seeds, facts, n: int, log, rule: str = "greedy",
     return keep, why
 
 
+def portability_requests() -> list:
+    """Every portability case the claims screen: MQuAKE's single-edit cases, then zsRE's,
+    with case ids made unique (:func:`unique_case_ids`)."""
+    from ..data import fetch
+    from ..data.datasets import load_mquake, load_zsre
+
+    return unique_case_ids({
+        "mquake": load_mquake(fetch.path("mquake", "mquake/MQuAKE-CF-subset.json"),
+                              single_edit_only=True),
+        "zsre": load_zsre(fetch.path("zsre", "zsre_portability/zsre_portability.json"))})
+
+
+def unique_case_ids(parts: dict) -> list:
+    """The requests of several data sets (name -> requests) in one list whose case ids are
+    unique: an id that an earlier data set already used becomes ``"name:id"`` (MQuAKE and
+    zsRE both number their cases from 0; rows are paired by case id). Ids that do not repeat
+    are kept, so a run's store keys do not change.
+
+    >>> from steamviz.data.requests import EditRequest
+    >>> r = lambda i: EditRequest("{} is in", "X", "Y", case_id=i)
+    >>> [q.case_id for q in unique_case_ids({"mquake": [r(1), r(2)], "zsre": [r(2), r(3)]})]
+    [1, 2, 'zsre:2', 3]
+    """
+    import dataclasses
+
+    seen, out = set(), []
+    for name, reqs in parts.items():
+        for r in reqs:
+            if r.case_id is not None and r.case_id in seen:
+                r = dataclasses.replace(r, case_id=f"{name}:{r.case_id}")
+                if r.case_id in seen:
+                    raise ValueError(f"case id {r.case_id!r} repeats within {name!r}")
+            seen.add(r.case_id)
+            out.append(r)
+    return out
+
+
 def _write_requests(path: Path, reqs) -> str:
     write_text(path, "".join(json.dumps(r.to_dict()) + "\n" for r in reqs))
     return str(path)
@@ -152,7 +189,7 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print, executor: str = "loca
     sweeps' points elsewhere, as :func:`~steamviz.run.sweep.run_sweep` does (e.g. ``"ray"``
     with 2 single-threaded workers on this 2-core CPU); screening and tuning run here."""
     from ..data import fetch
-    from ..data.datasets import load_counterfact, load_mquake, load_zsre
+    from ..data.datasets import load_counterfact
     from ..core.models import load_model
     from ..look.pool import load_pool
     from .sweep import SweepConfig, run_sweep
@@ -163,9 +200,7 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print, executor: str = "loca
     cf_all = load_counterfact(fetch.path("counterfact",
                                          "counterfact_easyedit/counterfact-val.json"))
     cf = cf_all[: cfg.candidates]
-    port_all = [r for r in load_mquake(fetch.path("mquake", "mquake/MQuAKE-CF-subset.json"),
-                                       single_edit_only=True)]
-    port_all += load_zsre(fetch.path("zsre", "zsre_portability/zsre_portability.json"))
+    port_all = portability_requests()
     port = [r for r in port_all if r.portability_prompts][: cfg.port_candidates]
     patterns = "first"
     templates = None

@@ -190,6 +190,15 @@ def _check_data(cfg: SweepConfig) -> None:
     if len(reqs) <= cfg.offset:
         raise ConfigError(f"config key 'offset': {cfg.offset} skips every one of the "
                           f"{len(reqs)} requests in {cfg.data!r}")
+    ids = pd.Series([r.case_id for r in reqs[cfg.offset:] if r.case_id is not None],
+                    dtype=object)
+    twice = ids[ids.duplicated()].unique().tolist()
+    if twice:  # rows are paired by case id: two requests under one id mix their rows
+        raise ConfigError(
+            f"config key 'data': case ids repeat in {cfg.data!r}: "
+            f"{', '.join(map(repr, twice[:5]))}{' ...' if len(twice) > 5 else ''}; summaries "
+            "pair rows by case id, so give each request its own case_id (data sets merged "
+            "into one file: prefix the ids, e.g. 'zsre:452')")
 
 
 def _log_row(log, req, point, row) -> None:
