@@ -58,7 +58,9 @@ def test_hooks_or_other_architectures_use_the_modules(tiny_llama, tokenizer):
     hp = ROMEHparams(block=1, **FAST)
     prep = rome.prepare(tiny_llama, REQ, hp, use_cache=False)
     blocks = tiny_llama.model.model.layers
-    h = blocks[2].mlp.register_forward_hook(lambda m, a, o: o * 1.5)
+    # an added constant, not a scale: Gemma 3 normalises the MLP's output (its post-feedforward
+    # norm), which would undo a scale and leave the hooked result equal to the plain one
+    h = blocks[2].mlp.register_forward_hook(lambda m, a, o: o + 1.0)
     try:
         assert "hook" in lean.unsupported(tiny_llama.model, 1)
         with pytest.raises(ValueError, match="hook"):
@@ -69,7 +71,7 @@ def test_hooks_or_other_architectures_use_the_modules(tiny_llama, tokenizer):
     finally:
         h.remove()
     plain = rome.compute_v(tiny_llama, prep, hp)
-    assert not torch.allclose(hooked.delta, plain.delta)
+    assert hooked.losses[-1]["loss"] != pytest.approx(plain.losses[-1]["loss"], rel=1e-3)
     gpt2 = build_tiny("gpt2", tokenizer)
     assert "model_type" in lean.unsupported(gpt2.model, 1)
     with pytest.raises(ValueError, match="null"):
