@@ -120,7 +120,7 @@ def portability_requests() -> list:
 def unique_case_ids(parts: dict) -> list:
     """The requests of several data sets (name -> requests) in one list whose case ids are
     unique: an id that an earlier data set already used becomes ``"name:id"`` (MQuAKE and
-    zsRE both number their cases from 0; rows are paired by case id). Ids that do not repeat
+    zsRE number their cases independently; rows are paired by case id). Ids that do not repeat
     are kept, so a run's store keys do not change.
 
     >>> from steamviz.data.requests import EditRequest
