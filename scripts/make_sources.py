@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write steamviz/sources.json: every file of the public data sets steamviz uses, with its
+"""Write steamviz/data/sources.json: every file of the public data sets steamviz uses, with its
 size, sha256 and canonical public URL (a source repository at a fixed commit), in the layout
 of the steamviz data mirror.
 
@@ -88,6 +88,15 @@ FOLDERS = {"counterfact": ["counterfact_easyedit"], "polyglot": ["polyglot_fact_
                                                       "text_corpus/wikitext-103-tokens"],
            "known1000": ["rome_known_1000"]}
 SKIP = ("PROVENANCE.txt", "UPSTREAM_README.md")
+# mirror files that are conversions of a published file (steamviz.data.corpus), which
+# `steamviz data get` makes from it on a machine without the mirror
+DERIVED = {
+    "polyglot_fact_completion_en/en-fact-completion-3-21-23.jsonl": dict(
+        **{"from": "polyglot_fact_completion_en/en-fact-completion-3-21-23.parquet"},
+        how="parquet-jsonl"),
+    "text_corpus/wikitext-103-tokens/wiki.valid.clean.txt": dict(
+        **{"from": "text_corpus/wikitext-103-tokens/wiki.valid.tokens"}, how="csv-text"),
+}
 # whole public files whose fixed halves the mirror holds (checksums from PROVENANCE.txt)
 FULL = {
     "mquake-full": dict(
@@ -131,10 +140,12 @@ def main(mirror: Path) -> None:
                 files.append(dict(path=rel, size=len(data),
                                   sha256=hashlib.sha256(data).hexdigest(),
                                   url=url_for(spec["rules"], rel)))
+                if rel in DERIVED:
+                    files[-1]["derived"] = DERIVED[rel]
         out[name] = dict(description=spec["description"], license=spec["license"],
                          files=files)
     out.update(FULL)
-    dest = Path(__file__).resolve().parent.parent / "steamviz" / "sources.json"
+    dest = Path(__file__).resolve().parent.parent / "steamviz" / "data" / "sources.json"
     dest.write_text(json.dumps(out, indent=1) + "\n")
     n = sum(len(v["files"]) for v in out.values())
     print(f"wrote {dest} ({len(out)} data sets, {n} files, "

@@ -203,3 +203,81 @@ def test_doctor_reports_each_check_with_its_fix(tmp_path):
     for what in ("default model", "data mirror", "chromium", "torch", "transformers"):
         assert what in out.stdout
     assert out.returncode in (0, 1) and "Traceback" not in out.stderr
+
+
+QUOTED = b'""\n" = Title = \n"\n"A line , with ""quotes"" and an \xc3\xa9 .\n"\n'
+PLAIN = ' = Title = \nA line , with "quotes" and an \u00e9 .\n'.encode()
+
+
+def _toy_set(monkeypatch, tmp_path, files):
+    monkeypatch.setattr(fetch, "sources", lambda: {"toy": dict(description="toy", license="-",
+                                                               files=files)})
+    monkeypatch.setenv("STEAMVIZ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(fetch.MIRROR_ENV, raising=False)
+
+
+def _file(path, body, url=None, derived=None):
+    return fetch.File(path=path, size=len(body), sha256=hashlib.sha256(body).hexdigest(),
+                      url=url, derived=derived)
+
+
+def test_a_conversion_is_made_from_its_published_file_without_the_mirror(server, monkeypatch,
+                                                                         tmp_path):
+    port = server.server_address[1]
+    server.files["pub/valid.tokens"] = QUOTED
+    src = _file("toy/valid.tokens", QUOTED, url=f"http://127.0.0.1:{port}/pub/valid.tokens")
+    made = _file("toy/valid.clean.txt", PLAIN,
+                 derived={"from": "toy/valid.tokens", "how": "csv-text"})
+    _toy_set(monkeypatch, tmp_path, [made, src])
+    root = fetch.get("toy")  # the converted file first: its published file is fetched for it
+    assert (root / "toy/valid.clean.txt").read_bytes() == PLAIN
+    assert fetch.status("toy") == "cached" and fetch.available("toy") is None
+    assert [p for p, _ in server.seen] == ["/pub/valid.tokens"]
+    # loading makes it too, from a published file already here (no network)
+    (root / "toy/valid.clean.txt").unlink()
+    assert fetch.path("toy", "toy/valid.clean.txt").read_bytes() == PLAIN
+    assert len(server.seen) == 1
+    # a conversion that does not give the listed bytes is refused, nothing left behind
+    bad = _file("toy/valid.clean.txt", PLAIN + b"x",
+                derived={"from": "toy/valid.tokens", "how": "csv-text"})
+    _toy_set(monkeypatch, tmp_path, [bad, src])
+    (root / "toy/valid.clean.txt").unlink()
+    with pytest.raises(fetch.ChecksumError, match="made from toy/valid.tokens .*expected"):
+        fetch.path("toy", "toy/valid.clean.txt")
+    assert not (root / "toy/valid.clean.txt").exists()
+    assert not (root / "toy/valid.clean.txt.part").exists()
+
+
+def test_get_fetches_what_is_public_then_names_the_mirror_only_files(server, monkeypatch,
+                                                                     tmp_path):
+    port = server.server_address[1]
+    server.files["pub/templates.json"] = b"{}"
+    pub = _file("toy/templates.json", b"{}", url=f"http://127.0.0.1:{port}/pub/templates.json")
+    half = _file("toy/a-fixed-half.json", b"[1]")
+    _toy_set(monkeypatch, tmp_path, [half, pub])
+    full = dict(description="-", license="-", files=[])
+    monkeypatch.setattr(fetch, "sources", lambda: {
+        "toy": dict(description="toy", license="-", files=[half, pub]), "toy-full": full})
+    with pytest.raises(fetch.DataError, match=r"toy/a-fixed-half.json exist\(s\) only in the "
+                       r"steamviz data mirror .*set STEAMVIZ_DATA_MIRROR.*steamviz data get toy-full"):
+        fetch.get("toy")
+    assert (fetch.data_root() / "toy/templates.json").read_bytes() == b"{}"
+    assert fetch.table()[0]["mirror_only"] == 1
+
+
+@pytest.mark.parametrize("name", ["wikitext", "polyglot"])
+def test_the_mirrors_conversions_are_made_byte_for_byte_from_the_published_files(name):
+    """Every ``derived`` file of the manifest: the conversion of the mirror's published file
+    has the manifest's sha256 (so a machine without the mirror makes the same file)."""
+    from steamviz.data.corpus import convert
+
+    m = fetch.mirror()
+    if not m or fetch._is_url(m):
+        pytest.skip("no data mirror folder here")
+    made = [f for f in fetch.sources()[name]["files"] if f.derived]
+    assert made, f"{name} lists no converted file"
+    for f in made:
+        src = Path(m) / f.derived["from"]
+        if not src.is_file():
+            pytest.skip(f"{src} not in the mirror")
+        assert hashlib.sha256(convert(f.derived["how"], src)).hexdigest() == f.sha256, f.path

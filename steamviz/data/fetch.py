@@ -19,6 +19,13 @@ file only when its sha256 matches (atomic rename); a mismatch is refused and del
 
 Loading data (:func:`path`) never touches the network: it takes the cache or the mirror,
 and otherwise says which ``steamviz data get`` to run. Only ``get`` downloads.
+
+A file with no public URL exists only in the mirror. Two of them are conversions of a
+published file (``derived`` in ``sources.json``, :mod:`steamviz.data.corpus`): without a
+mirror they are made from that file, here, and checked by the same sha256. The others (the
+fixed halves of MQuAKE and zsRE) cannot be had without the mirror; ``get`` fetches the rest of
+their data set and then names them, and the ``-full`` data set that fetches the whole public
+file.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ class File:
     size: int
     sha256: str
     url: str | None  # None: only in the steamviz data mirror (a subset or conversion)
+    # a conversion of a published file: {"from": its path, "how": steamviz.data.corpus name}
+    derived: dict | None = None
 
 
 @lru_cache(maxsize=1)
@@ -123,6 +132,42 @@ def _download(url: str, part: Path, timeout: float) -> None:
             shutil.copyfileobj(resp, out, CHUNK)
 
 
+def _source_of(f: File) -> File:
+    """The published file ``f`` is derived from."""
+    for s in sources().values():
+        for x in s["files"]:
+            if x.path == f.derived["from"]:
+                return x
+    raise DataError(f"{f.path} is derived from {f.derived['from']}, which no data set lists")
+
+
+def _derive(f: File, dest: Path, timeout: float | None) -> str:
+    """Make ``f`` from its published file (fetched first unless ``timeout`` is None: then
+    only a cached or mirror-folder copy is used), check its sha256, rename into place."""
+    from .corpus import convert
+
+    src = _source_of(f)
+    src_dest = data_root() / src.path
+    if not _verified(src, src_dest):
+        if timeout is None:
+            m = mirror()
+            if not (m and not _is_url(m) and (Path(m) / src.path).is_file()):
+                raise DataError(f"{f.path} is made from {src.path}, which is not here")
+            timeout = 0
+        _fetch_one(src, src_dest, timeout)
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(convert(f.derived["how"], src_dest))
+    got = sha256_file(part)
+    if got != f.sha256:
+        part.unlink(missing_ok=True)
+        raise ChecksumError(f"{f.path}: made from {src.path} ({f.derived['how']}), it has "
+                            f"sha256 {got}, expected {f.sha256}; refused and deleted")
+    os.replace(part, dest)
+    _verified(f, dest)
+    return f"conversion of {src.path}"
+
+
 def _fetch_one(f: File, dest: Path, timeout: float) -> str:
     """Bring ``f`` to ``dest``; return where it came from. Raises DataError naming every
     source tried and the fix."""
@@ -165,6 +210,8 @@ def _fetch_one(f: File, dest: Path, timeout: float) -> str:
         return kind
     hint = (f"set {MIRROR_ENV} to a folder or URL holding the steamviz data mirror (same "
             "layout as the cache)")
+    if f.derived:
+        return _derive(f, dest, timeout)
     if f.url is None:
         raise DataError(f"{f.path} exists only in the steamviz data mirror (no public URL); "
                         f"{hint}. Tried: {'; '.join(tried) or 'no mirror set'}")
@@ -175,13 +222,29 @@ def get(name: str, timeout: float = 60.0, log=None) -> Path:
     """Fetch every file of data set ``name`` into the cache (see module docstring); returns
     the data root."""
     root = data_root()
+    missing = []
     for f in _files(name):
         dest = root / f.path
         if _verified(f, dest):
             continue
-        kind = _fetch_one(f, dest, timeout)
+        try:
+            kind = _fetch_one(f, dest, timeout)
+        except ChecksumError:
+            raise
+        except DataError:
+            if f.url is not None or f.derived:
+                raise
+            missing.append(f.path)  # only in the mirror, which lacks it: fetch the others
+            continue
         if log:
             log(f"[steamviz] {f.path}: {f.size / 1e6:.2f} MB from the {kind}")
+    if missing:
+        full = f"{name}-full"
+        alt = (f"; `steamviz data get {full}` fetches the whole public file it was cut from"
+               if full in sources() else "")
+        where = f"{MIRROR_ENV} ({mirror()}) lacks it" if mirror() else f"set {MIRROR_ENV} to it"
+        raise DataError(f"data set {name!r}: {', '.join(missing)} exist(s) only in the steamviz "
+                        f"data mirror (no public URL) and {where}; the rest is fetched{alt}")
     return root
 
 
@@ -202,6 +265,14 @@ def path(name: str, rel: str | None = None) -> Path:
         if m and not _is_url(m) and (Path(m) / f.path).is_file():
             _fetch_one(f, dest, timeout=0)
             continue
+        if f.derived:  # made here from its published file, when that is here
+            try:
+                _derive(f, dest, timeout=None)
+                continue
+            except ChecksumError:
+                raise
+            except DataError:
+                pass
         size = sum(x.size for x in files) / 1e6
         raise DataError(
             f"data set {name!r} is not here ({f.path} missing). Fetch it once with "
@@ -238,6 +309,6 @@ def table() -> list[dict]:
     for name, s in sources().items():
         files = s["files"]
         rows.append(dict(name=name, files=len(files), mb=round(sum(f.size for f in files) / 1e6, 2),
-                         mirror_only=sum(f.url is None for f in files), status=status(name),
+                         mirror_only=sum(f.url is None and not f.derived for f in files), status=status(name),
                          description=s["description"], license=s["license"]))
     return rows

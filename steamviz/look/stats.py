@@ -35,6 +35,10 @@ def corpus_files(corpus: str | os.PathLike) -> list[Path]:
     if not p.is_dir():
         raise FileNotFoundError(f"corpus {str(p)!r} is neither a folder of .txt files nor a file")
     files = sorted(x for x in p.rglob("*") if x.is_file() and x.suffix in (".txt", ".raw", ".tokens"))
+    # the wikitext data set holds WikiText-103's validation split twice: as published
+    # (CSV-quoted NAME.tokens) and decoded (NAME.clean.txt); read it once
+    files = [x for x in files if not (x.suffix == ".tokens"
+                                      and x.with_name(x.stem + ".clean.txt").is_file())]
     if not files:
         raise FileNotFoundError(f"corpus folder {str(p)!r} holds no .txt/.raw/.tokens files")
     return files
@@ -55,8 +59,10 @@ def text_chunks(lm, files: list[Path], n_tokens: int, seq_len: int) -> list[list
     longer than 80 characters, cut to ``seq_len`` with the model's start tokens first, until
     ``n_tokens`` tokens."""
     out, total = [], 0
+    from ..data.corpus import read_text
+
     for f in files:
-        text = f.read_text(encoding="utf-8", errors="ignore")
+        text = read_text(f)
         paras = [t.strip() for t in text.split("\n") if len(t.strip()) > 80]
         for para in paras:
             ids = lm.tok(para, add_special_tokens=False)["input_ids"][: seq_len - len(lm.prefix_ids)]

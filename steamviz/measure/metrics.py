@@ -280,20 +280,12 @@ def idf_cache_path():
     return cache_dir() / "tfidf" / f"wikitext-idf-{_corpus_key()[0]}.json"
 
 
-def _read_corpus_file(path) -> str:
-    if path.name.endswith(".tokens"):  # CSV-quoted, one record per line (see PROVENANCE)
-        import csv
-
-        with open(path, newline="", encoding="utf-8") as f:
-            return "".join(r[0] if r else "" for r in csv.reader(f))
-    return path.read_text(encoding="utf-8")
-
-
 def wikitext_documents() -> list[str]:
     """The IDF corpus (:data:`IDF_CORPUS`) as documents, one per paragraph, in file order.
     Raises :class:`steamviz.data.fetch.DataError` naming ``steamviz data get wikitext`` and
     ``$STEAMVIZ_DATA_MIRROR`` when WikiText is not here."""
     from ..data import fetch
+    from ..data.corpus import read_text
 
     docs = []
     for rel in IDF_CORPUS:
@@ -304,7 +296,7 @@ def wikitext_documents() -> list[str]:
                 "consistency's TF-IDF weights are fitted on WikiText (ROME fits them on "
                 "Wikipedia), which is not here: run `steamviz data get wikitext`, or set "
                 f"{fetch.MIRROR_ENV} to the data mirror folder. ({e})") from None
-        for line in _read_corpus_file(path).split("\n"):
+        for line in read_text(path).split("\n"):
             line = line.replace("<unk>", " ").strip()
             if line and not (line.startswith("=") and line.endswith("=")):
                 docs.append(line)
