@@ -47,6 +47,22 @@ def test_claims_table_has_a_row_per_claim_and_setting():
     assert len(spec) == 3 and set(spec.verdict) == {"supported"}
 
 
+def test_an_up_claim_at_one_value_everywhere_has_no_signal():
+    """Portability 0 for ROME and every STEAM setting on every case (a model that answers no
+    question after either edit): the table says the data cannot tell, not "not supported"; a
+    setting that moves it, or a "kept" claim at one value, is read as before."""
+    df = _rows({})
+    df["portability"] = 0.0
+    lift = (df.method == "steam-rome") & (df.lam == 50.0) & (df.case_id < 3)
+    df.loc[lift, "portability"] = 1.0
+    t = claims_table({"cf": df, "port": df})
+    port = t[t.claim == "portability up"].set_index("setting")
+    assert port.loc["λ=20 raw", "verdict"] == "no signal (every value 0)"
+    assert port.loc["λ=10 centred", "verdict"] == "no signal (every value 0)"
+    assert port.loc["λ=50 raw", "verdict"] in ("supported", "inconclusive")
+    assert set(t[t.claim.str.startswith("efficacy")].verdict) == {"supported"}  # 1.0 everywhere
+
+
 def test_the_report_says_how_many_anchors_differ_by_seed():
     """ROME's one edit measured against each seed's anchor: equal raw cosines at every seed
     mean the seeds took the same facts, and the report counts the requests where they differ."""

@@ -17,7 +17,10 @@ What runs (each part a resumable sweep in its own folder under RUN):
 
 Verdicts: an "up" claim is *supported* when the CI lies above 0, *not supported* when it lies
 at or below 0, else *inconclusive*; a "kept" claim (within a margin) is supported when the
-CI's lower end is above -margin, not supported when its upper end is below -margin.
+CI's lower end is above -margin, not supported when its upper end is below -margin. An "up"
+claim whose metric takes one value on every case for ROME and the setting alike (portability
+0 when the model answers no question after either edit) gets *no signal*: the data cannot
+tell (a "kept" claim with one value is kept).
 """
 
 from __future__ import annotations
@@ -322,10 +325,23 @@ def claims_table(frames: dict) -> pd.DataFrame:
             t = t[t.lam.astype(float) == t.lam.astype(float).max()]
         for r in t.itertuples():
             m = margin if margin is not None else 0.02 * abs(r.baseline_mean)
+            v = verdict(kind, r.low, r.high, m)
+            one = _one_value(df, metric, r.lam, r.centered) if kind == "up" else None
+            if one is not None:
+                v = f"no signal (every value {one:g})"
             rows.append(dict(claim=claim, setting=_setting(r.lam, r.centered), n=r.n,
                              rome=r.baseline_mean, steam=r.mean, effect=r.diff, low=r.low,
-                             high=r.high, p=r.p, verdict=verdict(kind, r.low, r.high, m)))
+                             high=r.high, p=r.p, verdict=v))
     return pd.DataFrame(rows)
+
+
+def _one_value(df: pd.DataFrame, metric: str, lam, centered) -> float | None:
+    """The one value ``metric`` takes on every ROME row and every row of the STEAM setting
+    (``lam``, ``centered``), or None when it varies."""
+    steam = df[(df.method == "steam-rome") & (df.lam.astype(float) == float(lam))
+               & (df.centered.astype(str) == str(centered))]
+    vals = pd.concat([df.loc[df.method == "rome", metric], steam[metric]]).dropna()
+    return float(vals.iloc[0]) if len(vals) and vals.nunique() == 1 else None
 
 
 def distinct_anchors(df: pd.DataFrame) -> tuple[int, int]:
