@@ -34,8 +34,8 @@ class Runner:
         self.vstar_dir = None if vstar_dir is None else Path(vstar_dir)
         self._references = None
         self._prefetched: set = set()  # (request, block) whose target vectors are computed
-        # the anchor-free metrics of an edit that does not depend on the anchor seed (the
-        # unedited model, ROME, ...), measured once and shared by that edit's seed points
+        # the anchor-free metrics of one edit, measured once and shared by its seed points
+        # (:meth:`_edit_identity`)
         self._evaluated: dict = {}
 
     def requests(self):
@@ -118,10 +118,9 @@ class Runner:
 
         cfg = self.cfg
         refs = self.references()
-        memo = None
-        if "lam" not in axes(point["method"]) and point.get("batch") is None:
-            memo = json.dumps([req.to_dict(), {k: v for k, v in point.items()
-                                               if k != "anchor_seed"}], sort_keys=True)
+        seed = point.get("anchor_seed", cfg.seed)
+        anchor = self.anchor(req.target_new, seed)
+        memo = self._edit_identity(req, point, anchor)
         if memo is not None and memo in self._evaluated:
             row = dict(self._evaluated[memo])
         else:
@@ -130,8 +129,6 @@ class Runner:
                            max_new_tokens=cfg.max_new_tokens)
             if memo is not None:
                 self._evaluated[memo] = dict(row)
-        seed = point.get("anchor_seed", cfg.seed)
-        anchor = self.anchor(req.target_new, seed)
         if anchor is None:
             row["anchor_missing"] = self.missing_anchor(req.target_new, seed)
             return row
@@ -143,6 +140,24 @@ class Runner:
         row["anchor_facts"] = anchor.n
         row["control_objects"] = len(controls)
         return row
+
+    def _edit_identity(self, req, point, anchor) -> str | None:
+        """What determines the edit of ``req`` at ``point``, without the anchor seed: the
+        seed points of one edit share its anchor-free metrics. An edit that does not read
+        the anchor (unedited, ROME, ...) is one edit for every seed; a STEAM edit is one edit
+        for the seeds whose anchors are equal (seeds that drew the same facts). None: not
+        shared (batch edits; a STEAM point without an anchor)."""
+        if point.get("batch") is not None:
+            return None
+        what = {k: v for k, v in point.items() if k != "anchor_seed"}
+        if "lam" in axes(point["method"]):
+            if anchor is None:
+                return None
+            import hashlib
+
+            what["anchor"] = hashlib.sha256(
+                anchor.phi.detach().float().cpu().numpy().tobytes()).hexdigest()
+        return json.dumps([req.to_dict(), what], sort_keys=True)
 
     def edit_kwargs(self, point, reqs: list | None = None) -> dict:
         """Keyword arguments of :func:`steamviz.edit.editors.edit` (or ``edit_batch``) for a grid
