@@ -308,7 +308,7 @@ def _claims(args) -> int:
     cfg = ClaimsConfig(n_cf=args.n_cf, n_port=args.n_port, seeds=args.seeds,
                        lams=args.lams, centred_lam=args.centred_lam,
                        hparams=_params(args.param), candidates=args.candidates,
-                       port_candidates=args.port_candidates,
+                       port_candidates=args.port_candidates, portability=args.portability,
                        recall_rule=args.recall, pararel_patterns=args.patterns)
     if args.tune_lams:
         cfg.tune_lams = args.tune_lams
@@ -439,6 +439,9 @@ def main(argv=None) -> int:
     q.add_argument("--candidates", type=int, default=400, help="CounterFact cases screened")
     q.add_argument("--port-candidates", type=int, default=None,
                    help="portability cases screened (default: all of MQuAKE's single edits and zsRE)")
+    q.add_argument("--portability", choices=["mirror", "full"], default="mirror",
+                   help="MQuAKE and zsRE: the data mirror's fixed halves (mirror) or the whole "
+                        "public files (full: steamviz data get mquake-full zsre-full)")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="anchor seeds")
     q.add_argument("--lams", type=float, nargs="+", default=[20.0, 50.0],
                    help="raw-loss lambdas")

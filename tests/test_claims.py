@@ -210,3 +210,48 @@ def test_the_table_so_far_pairs_only_the_finished_requests(tmp_path):
     assert not (run / "claims.md").exists()
     with pytest.raises(FileNotFoundError, match="holds no claims run"):
         report_so_far(tmp_path / "nothing")
+
+
+def test_portability_comes_from_the_mirror_halves_or_the_whole_public_files(monkeypatch,
+                                                                            tmp_path):
+    """``--portability full`` reads mquake-full and zsre-full (what a machine without the data
+    mirror can fetch); without the mirror's halves the error names that option."""
+    from steamviz.data import fetch
+    from steamviz.run import claims
+
+    with pytest.raises(ValueError, match="portability 'half'"):
+        claims.portability_requests("half")
+    monkeypatch.setenv("STEAMVIZ_CACHE", str(tmp_path / "empty"))
+    monkeypatch.delenv(fetch.MIRROR_ENV, raising=False)
+    with pytest.raises(fetch.DataError, match=r"--portability full \(steamviz data get "
+                                              r"mquake-full zsre-full\)"):
+        claims.portability_requests("mirror")
+    # the whole files have the halves' layout: stand the halves in for them
+    asked = []
+    monkeypatch.setattr(fetch, "path", lambda name, rel=None: asked.append(name) or (
+        tmp_path / rel))
+    rows = {"mquake/MQuAKE-CF_akew.json": [dict(
+        case_id=7, requested_rewrite=[dict(prompt="The capital of {} is", subject="France",
+                                           target_new={"str": "Rome"},
+                                           target_true={"str": "Paris"}, relation_id="P36",
+                                           question="What is the capital of France?")],
+        questions=["Which country has its capital in the city France's capital is?"],
+        new_answer="Italy", answer="France")],
+        "zsre_portability/zsre_mend_eval_portability_gpt4.json": [dict(
+            subject="Paris", src="What country is Paris in?", alt="Spain", answers=["France"],
+            rephrase="Paris is in which country?", loc="nq question: who", loc_ans="me",
+            portability={"New Question": "What language is spoken in Paris?",
+                         "New Answer": "Spanish"})]}
+    import json
+
+    for rel, recs in rows.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(json.dumps(recs))
+    reqs = claims.portability_requests("full")
+    assert asked == ["mquake-full", "zsre-full"] and len(reqs) == 2
+    assert [r.target_new for r in reqs] == ["Rome", "Spain"] and all(
+        r.portability_prompts for r in reqs)
+    cfg = ClaimsConfig(portability="full")
+    assert "the whole public files" in claims.report(pd.DataFrame(columns=[
+        "claim", "setting", "n", "rome", "steam", "effect", "low", "high", "p", "verdict"]),
+        cfg, 20.0, 0, 2, {}, {}, 1.0)

@@ -51,6 +51,9 @@ class ClaimsConfig:
     # portability cases screened (None: every one in the data; few have anchors, as their
     # new objects are mostly people and works the model does not know)
     port_candidates: int | None = None
+    # where they come from (PORTABILITY): "mirror", the data mirror's fixed halves of MQuAKE
+    # and zsRE; "full", the whole public files (what a machine without the mirror can fetch)
+    portability: str = "mirror"
     hparams: dict = field(default_factory=dict)  # ROME overrides (e.g. fewer steps in tests)
     max_new_tokens: int = 20
     bank_size: int = 2000
@@ -108,16 +111,35 @@ def _anchored(lm, requests, seeds, facts, n: int, log, rule: str = "greedy",
     return keep, why
 
 
-def portability_requests() -> list:
+#: ``ClaimsConfig.portability`` -> (data set, file) of MQuAKE and of zsRE
+PORTABILITY = {
+    "mirror": {"mquake": ("mquake", "mquake/MQuAKE-CF-subset.json"),
+               "zsre": ("zsre", "zsre_portability/zsre_portability.json")},
+    "full": {"mquake": ("mquake-full", "mquake/MQuAKE-CF_akew.json"),
+             "zsre": ("zsre-full", "zsre_portability/zsre_mend_eval_portability_gpt4.json")},
+}
+
+
+def portability_requests(which: str = "mirror") -> list:
     """Every portability case the claims screen: MQuAKE's single-edit cases, then zsRE's,
-    with case ids made unique (:func:`unique_case_ids`)."""
+    with case ids made unique (:func:`unique_case_ids`); ``which``: a key of
+    :data:`PORTABILITY`."""
     from ..data import fetch
     from ..data.datasets import load_mquake, load_zsre
 
+    if which not in PORTABILITY:
+        raise ValueError(f"portability {which!r}: use one of {sorted(PORTABILITY)}")
+    paths = {}
+    for part, (name, rel) in PORTABILITY[which].items():
+        try:
+            paths[part] = fetch.path(name, rel)
+        except fetch.DataError as e:
+            hint = (" Without the data mirror, use the whole public files: --portability full "
+                    "(steamviz data get mquake-full zsre-full)." if which == "mirror" else "")
+            raise fetch.DataError(f"{e}{hint}") from None
     return unique_case_ids({
-        "mquake": load_mquake(fetch.path("mquake", "mquake/MQuAKE-CF-subset.json"),
-                              single_edit_only=True),
-        "zsre": load_zsre(fetch.path("zsre", "zsre_portability/zsre_portability.json"))})
+        "mquake": load_mquake(paths["mquake"], single_edit_only=True),
+        "zsre": load_zsre(paths["zsre"])})
 
 
 def unique_case_ids(parts: dict) -> list:
@@ -203,7 +225,7 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print, executor: str = "loca
     cf_all = load_counterfact(fetch.path("counterfact",
                                          "counterfact_easyedit/counterfact-val.json"))
     cf = cf_all[: cfg.candidates]
-    port_all = portability_requests()
+    port_all = portability_requests(cfg.portability)
     port = [r for r in port_all if r.portability_prompts][: cfg.port_candidates]
     patterns = "first"
     templates = None
@@ -383,6 +405,9 @@ def _setting(lam, centered) -> str:
     return f"λ={float(lam):g} {'centred' if c else 'raw'}"
 
 
+_PORT_SOURCE = {"mirror": "the data mirror's fixed halves", "full": "the whole public files"}
+
+
 def report(table: pd.DataFrame, cfg: ClaimsConfig, lam_c: float, n_cf: int, n_port: int,
            cf_why: dict, port_why: dict, seconds: float, minutes: dict | None = None,
            seeds: str = "") -> str:
@@ -394,7 +419,8 @@ def report(table: pd.DataFrame, cfg: ClaimsConfig, lam_c: float, n_cf: int, n_po
         "# STEAM's claims on public data",
         "",
         f"CounterFact val: {n_cf} cases with anchors ({len(cf_why)} screened cases had none); "
-        f"portability (MQuAKE single-edit, zsRE): {n_port} cases ({len(port_why)} without an "
+        f"portability (MQuAKE single-edit, zsRE; {_PORT_SOURCE[cfg.portability]}): {n_port} "
+        f"cases ({len(port_why)} without an "
         f"anchor{short}). Anchor seeds {list(cfg.seeds)}; matched step budget; ROME hyperparameter "
         f"overrides {cfg.hparams or 'none'}; centred-loss lambda {lam_c:g}, tuned on the default "
         "edit set. Effects are STEAM-ROME minus ROME per edit (seeds averaged), bootstrap 95% "
