@@ -309,3 +309,23 @@ def test_seeds_that_draw_the_same_anchor_share_one_steam_edits_metrics(tmp_path,
     for c in cols:
         assert st[c][0] == st[c][1], c
         assert st[c][0] == pytest.approx(ref[c], rel=1e-4, abs=1e-6), c
+
+
+def test_reference_texts_are_made_once_and_read_back(tiny, tmp_path, monkeypatch):
+    """The unedited model's continuations behind consistency's reference text are kept by
+    model, prompts and length: a later run (or the next part of a claims run) reads them back
+    instead of generating again; another length generates."""
+    from steamviz.measure import metrics
+
+    monkeypatch.setenv("STEAMVIZ_CACHE", str(tmp_path))
+    first = reference_text(tiny, "Japan", facts=FACTS)
+    clear_caches("metrics.reftext")  # a new process: only the disk copy is left
+
+    def no_generation(*a, **k):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(metrics, "greedy", no_generation)
+    assert reference_text(tiny, "Japan", facts=FACTS) == first
+    assert list((tmp_path / "reftext").glob("*.json"))
+    with pytest.raises(AssertionError, match="generated again"):
+        reference_text(tiny, "Japan", facts=FACTS, max_new_tokens=5)

@@ -25,6 +25,7 @@ KNOWN = {
     "geometry.maps": "fitted latent maps (UMAP/PCA)",
     "memit.z": "MEMIT target vectors per (model, request, hyperparameters)",
     "metrics.idf": "the IDF fitted on WikiText, per corpus",
+    "metrics.reftext": "the unedited model's reference-text continuations (consistency)",
     "rome.prepared": "ROME's prepared rows (prefix caches, keys) per request",
     "rome.v": "ROME / STEAM target vectors per (model, request, hyperparameters, objective)",
     "rome.cinv": "inverse key second moments per (model, block)",

@@ -230,6 +230,7 @@ TFIDF_SETTINGS = dict(lowercase=True, token_pattern=r"(?u)\b\w\w+\b", smooth_idf
                       norm="l2", sublinear_tf=False)
 _IDF_FORMAT = 1
 _IDF_MEMO: dict[str, "Idf"] = memo("metrics.idf")
+_REFTEXT: dict[str, str] = memo("metrics.reftext")  # reference_text's continuations
 
 
 @dataclass
@@ -378,8 +379,27 @@ def reference_text(lm, obj: str, facts=None, relations=None, limit: int = 8,
     if not mine:
         return obj
     prompts = [f"{f.prompt} {obj}" for f in mine]
+    # greedy continuations of the unedited model: cached (memory, then disk) by the model,
+    # its device type, the prompts and the length
+    key = json.dumps([lm.fingerprint, lm.device.type, prompts, max_new_tokens])
+    if key in _REFTEXT:
+        return _REFTEXT[key]
+    from ..core.io import write_json
+    from ..core.paths import cache_dir
+
+    path = cache_dir() / "reftext" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored.get("key") == key and isinstance(stored.get("text"), str):
+            _REFTEXT[key] = stored["text"]
+            return stored["text"]
+    except (OSError, ValueError, AttributeError):
+        pass  # not cached yet, or unreadable: made again and rewritten
     gens = greedy(lm, prompts, max_new_tokens)
-    return " ".join(p + g for p, g in zip(prompts, gens))
+    text = " ".join(p + g for p, g in zip(prompts, gens))
+    _REFTEXT[key] = text
+    write_json(path, dict(key=key, text=text))
+    return text
 
 
 def consistency_records(lm, req: EditRequest, ref_text: str, texts=None,

@@ -87,14 +87,18 @@ def build_references(lm, requests, *, seeds=(0,), bank_size: int | None = None,
     if bank_size is None:
         bank_size = min(len(pool), 2000)
     anchors, missing, control = {}, {}, {}
+    by_object: dict[str, list] = {}  # the pool's facts per object, in pool order
+    for f in pool:
+        by_object.setdefault(f.object, []).append(f)
 
     def get(obj, seed):
         if (obj, seed) not in anchors and (obj, seed) not in missing:
             try:
                 with warnings.catch_warnings():  # small anchors: one summary below
                     warnings.filterwarnings("ignore", message="anchor for .* averages only")
-                    anchors[(obj, seed)] = build_anchor(lm, obj, facts=pool, seed=seed,
-                                                        exclude_subjects=exclude, **kw)
+                    anchors[(obj, seed)] = build_anchor(lm, obj, facts=by_object.get(obj, []),
+                                                        seed=seed, exclude_subjects=exclude,
+                                                        **kw)
             except AnchorError as e:
                 missing[(obj, seed)] = str(e)
         return anchors.get((obj, seed))
@@ -131,7 +135,7 @@ def build_references(lm, requests, *, seeds=(0,), bank_size: int | None = None,
         from .metrics import corpus_idf, reference_text
 
         corpus_idf()  # consistency's IDF (fitted on WikiText): missing data fails here, early
-        ref_texts = {obj: reference_text(lm, obj, facts=pool) for obj in new}
+        ref_texts = {obj: reference_text(lm, obj, facts=by_object.get(obj, [])) for obj in new}
     settings = dict(seeds=list(seeds), bank_size=bank_size, bank_seed=bank_seed, texts=texts,
                     n_control=n_control, anchor_kw=kw, per_relation=per_relation,
                     widen_to=widen_to)
