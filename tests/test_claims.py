@@ -1,5 +1,7 @@
 """The claims report: verdict rules, the table from sweep rows, and a tiny end-to-end run."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -207,6 +209,12 @@ def test_the_table_so_far_pairs_only_the_finished_requests(tmp_path):
     md = (run / "claims-so-far.md").read_text()
     assert "cf: 2 of 3 requests" in md and "NOT the final report" in md
     assert set(t.n) == {2} and set(t.setting) == {"λ=20 raw"}
+    # a screening that no longer keeps request 1: its points stay in the store, unread
+    (run / "requests-cf.jsonl").write_text("".join(
+        json.dumps({"case_id": c, "prompt": "{} x", "subject": "s", "target_new": "n"}) + "\n"
+        for c in (0, 2)))
+    t = report_so_far(run, log=lambda s: None)
+    assert set(t.n) == {1} and "cf: 1 of 3 requests" in (run / "claims-so-far.md").read_text()
     assert not (run / "claims.md").exists()
     with pytest.raises(FileNotFoundError, match="holds no claims run"):
         report_so_far(tmp_path / "nothing")

@@ -278,7 +278,8 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print, executor: str = "loca
 
 def report_so_far(out, log=print) -> pd.DataFrame:
     """The table of a claims run that has not finished (nothing is run, no model loaded):
-    every part's requests that hold all their grid points, paired as in the full report.
+    every part's requests (those of ``RUN/requests-*.jsonl``) that hold all their grid points,
+    paired as in the full report.
     Writes ``RUN/claims-so-far.md`` (and ``.csv``), saying how many requests each part has;
     the full report (:func:`run_claims`) overwrites nothing of it."""
     from .plan import SweepConfig, grid
@@ -291,12 +292,19 @@ def report_so_far(out, log=print) -> pd.DataFrame:
     frames, counts, lam_c = {}, {}, None
     for part in ("cf", "port"):
         got = []
+        # the part's requests as the run last wrote them: points of requests no longer in
+        # it (a screening that changed) are not this run's
+        reqs = run / f"requests-{part}.jsonl"
+        ids = ({json.loads(x)["case_id"] for x in reqs.read_text().splitlines() if x.strip()}
+               if reqs.is_file() else None)
         for sub in (part, f"{part}-centred"):
             d = run / sub
             if not (d / "points").is_dir():
                 continue
             cfg = SweepConfig.from_yaml(d / "config.yaml")
             df = Store(d).frame()
+            if ids is not None and len(df):
+                df = df[df.case_id.isin(ids)]
             if not len(df):
                 continue
             n_grid = len(grid(cfg, default_block=0))
