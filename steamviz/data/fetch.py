@@ -132,6 +132,12 @@ def _download(url: str, part: Path, timeout: float) -> None:
             shutil.copyfileobj(resp, out, CHUNK)
 
 
+def _in_mirror_folder(f: File) -> bool:
+    """``f`` is in the data mirror and the mirror is a folder (copied without a network)."""
+    m = mirror()
+    return bool(m) and not _is_url(m) and (Path(m) / f.path).is_file()
+
+
 def _source_of(f: File) -> File:
     """The published file ``f`` is derived from."""
     for s in sources().values():
@@ -150,8 +156,7 @@ def _derive(f: File, dest: Path, timeout: float | None) -> str:
     src_dest = data_root() / src.path
     if not _verified(src, src_dest):
         if timeout is None:
-            m = mirror()
-            if not (m and not _is_url(m) and (Path(m) / src.path).is_file()):
+            if not _in_mirror_folder(src):
                 raise DataError(f"{f.path} is made from {src.path}, which is not here")
             timeout = 0
         _fetch_one(src, src_dest, timeout)
@@ -257,12 +262,11 @@ def path(name: str, rel: str | None = None) -> Path:
     if not want:
         raise DataError(f"data set {name!r} has no file {rel!r}")
     root = data_root()
-    m = mirror()
     for f in want:
         dest = root / f.path
         if _verified(f, dest):
             continue
-        if m and not _is_url(m) and (Path(m) / f.path).is_file():
+        if _in_mirror_folder(f):
             _fetch_one(f, dest, timeout=0)
             continue
         if f.derived:  # made here from its published file, when that is here
@@ -293,12 +297,12 @@ def available(name: str) -> str | None:
 
 def status(name: str) -> str:
     """``"cached"``, ``"in mirror"`` or ``"not fetched"``."""
-    root, m = data_root(), mirror()
+    root = data_root()
     files = _files(name)
     if all((root / f.path).is_file() and (root / f.path).stat().st_size == f.size
            for f in files):
         return "cached"
-    if m and not _is_url(m) and all((Path(m) / f.path).is_file() for f in files):
+    if all(_in_mirror_folder(f) for f in files):
         return "in mirror"
     return "not fetched"
 

@@ -58,9 +58,9 @@ def text_chunks(lm, files: list[Path], n_tokens: int, seq_len: int) -> list[list
     """Token chunks of the corpus ``files`` as :func:`second_moment` reads them: one per line
     longer than 80 characters, cut to ``seq_len`` with the model's start tokens first, until
     ``n_tokens`` tokens."""
-    out, total = [], 0
     from ..data.corpus import read_text
 
+    out, total = [], 0
     for f in files:
         text = read_text(f)
         paras = [t.strip() for t in text.split("\n") if len(t.strip()) > 80]

@@ -6,6 +6,7 @@ on Ray workers; :func:`steamviz.run.sweep.run_sweep` drives the executors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -153,8 +154,6 @@ class Runner:
         if "lam" in axes(point["method"]):
             if anchor is None:
                 return None
-            import hashlib
-
             what["anchor"] = hashlib.sha256(
                 anchor.phi.detach().float().cpu().numpy().tobytes()).hexdigest()
         return json.dumps([req.to_dict(), what], sort_keys=True)

@@ -23,6 +23,7 @@ keys), :mod:`steamviz.run.store` (the results store), :mod:`steamviz.run.runner`
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -190,9 +191,8 @@ def _check_data(cfg: SweepConfig) -> None:
     if len(reqs) <= cfg.offset:
         raise ConfigError(f"config key 'offset': {cfg.offset} skips every one of the "
                           f"{len(reqs)} requests in {cfg.data!r}")
-    ids = pd.Series([r.case_id for r in reqs[cfg.offset:] if r.case_id is not None],
-                    dtype=object)
-    twice = ids[ids.duplicated()].unique().tolist()
+    seen = Counter(r.case_id for r in reqs[cfg.offset:] if r.case_id is not None)
+    twice = [i for i, n in seen.items() if n > 1]
     if twice:  # rows are paired by case id: two requests under one id mix their rows
         raise ConfigError(
             f"config key 'data': case ids repeat in {cfg.data!r}: "
