@@ -12,26 +12,18 @@ Run: python scripts/claims_floor.py docs/claims/run
 """
 
 import argparse
-import time
+import sys
 from pathlib import Path
 
 import torch
 
 from steamviz.run.store import Store
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_target_vectors import throughput  # noqa: E402
+
 GFLOP_PER_OBJECTIVE_STEP = 395 / 8
 PARTS = ("tune", "cf", "cf-centred", "port", "port-centred")
-
-
-def throughput(rows: int = 1232, d: int = 576, hidden: int = 1536, reps: int = 50) -> float:
-    """GFLOP/s of a float32 ``[rows x d] @ [d x hidden]`` on this machine."""
-    a, b = torch.randn(rows, d), torch.randn(d, hidden)
-    for _ in range(3):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * rows * d * hidden * reps / (time.perf_counter() - t) / 1e9
 
 
 def vectors(run: Path, part: str) -> tuple[int, int]:
@@ -59,7 +51,7 @@ def main():
             n, s = vectors(args.run, part)
             total += s
             print(f"{part}: {n} target vectors, {s} objective-steps")
-    rate = throughput()
+    rate = throughput(1232, 576, 1536, torch.float32)
     minutes = total * GFLOP_PER_OBJECTIVE_STEP / rate / 60
     print(f"{total} objective-steps x {GFLOP_PER_OBJECTIVE_STEP:.1f} GFLOP at {rate:.0f} GFLOP/s "
           f"({torch.get_num_threads()} threads, float32)")
