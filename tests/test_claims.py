@@ -220,6 +220,44 @@ def test_the_table_so_far_pairs_only_the_finished_requests(tmp_path):
         report_so_far(tmp_path / "nothing")
 
 
+def test_the_table_so_far_leaves_out_rows_of_a_request_changed_under_its_case_id(tmp_path):
+    """Rows carry their request's digest: a request whose content changed under the same case
+    id (another data file, a fixed prompt) no longer pairs its old rows."""
+    import yaml
+
+    from steamviz.data.requests import EditRequest
+    from steamviz.run.claims import report_so_far
+    from steamviz.run.plan import SweepConfig, request_digest
+    from steamviz.run.store import Store
+
+    def request(c, new="n"):
+        return EditRequest("{} x", "s", new, case_id=c)
+
+    run = tmp_path / "claims"
+    cfg = SweepConfig(n_edits=2, methods=["rome", "steam-rome"], lams=[20.0],
+                      include_unedited=False)
+    (run / "cf").mkdir(parents=True)
+    (run / "cf" / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    rows = _rows(dict(cos_centered=0.05), n=2)
+    rows = rows[(rows.lam.isna()) | (rows.lam == 20.0)]
+    store = Store(run / "cf", writer=True)
+    for i, r in enumerate(rows.to_dict(orient="records")):
+        r["request_digest"] = request_digest(request(r["case_id"]).to_dict())
+        store.put(f"k{i}", {k: (None if isinstance(v, float) and np.isnan(v) else v)
+                            for k, v in r.items()})
+    store.close()
+
+    def write(reqs):
+        (run / "requests-cf.jsonl").write_text(
+            "".join(json.dumps(q.to_dict()) + "\n" for q in reqs))
+
+    write([request(0), request(1)])
+    assert set(report_so_far(run, log=lambda s: None).n) == {2}
+    write([request(0, new="other"), request(1)])  # case 0 now asks for another edit
+    t = report_so_far(run, log=lambda s: None)
+    assert set(t.n) == {1} and "cf: 1 of 2 requests" in (run / "claims-so-far.md").read_text()
+
+
 def test_portability_comes_from_the_mirror_halves_or_the_whole_public_files(monkeypatch,
                                                                             tmp_path):
     """``--portability full`` reads mquake-full and zsre-full (what a machine without the data

@@ -87,6 +87,12 @@ def test_batch_sweep_edits_each_batch_once(tmp_path, lm):
     df = run_sweep(cfg, tmp_path / "run", lm=lm, progress=False, log=log.append)
     assert len(df) == 2 and set(df.batch) == {2} and df.edit_seconds.nunique() == 1
     assert df.efficacy.mean() > 0.4
+    # each row of the batch carries its own request's digest (--so-far matches on it)
+    from steamviz.data.datasets import load_named
+    from steamviz.run.plan import request_digest
+
+    want = {r.case_id: request_digest(r.to_dict()) for r in load_named(cfg.data, 2)}
+    assert df.request_digest.tolist() == df.case_id.map(want).tolist() and len(set(want)) == 2
     again = run_sweep(cfg, tmp_path / "run", lm=lm, progress=False, log=log.append)
     assert "resuming: 2 of 2" in log[-1] and len(again) == 2
 

@@ -276,13 +276,24 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print, executor: str = "loca
     return table
 
 
+def _current(df: pd.DataFrame, now: dict) -> pd.Series:
+    """Rows of ``df`` whose request is in ``now`` (case id -> :func:`request_digest`) as it is
+    now. Rows stored before rows carried a digest are matched by case id alone."""
+    ids = df.case_id.isin(list(now))
+    if "request_digest" not in df:
+        return ids
+    same = df.request_digest == df.case_id.map(now)
+    return ids & (same | df.request_digest.isna())
+
+
 def report_so_far(out, log=print) -> pd.DataFrame:
     """The table of a claims run that has not finished (nothing is run, no model loaded):
     every part's requests (those of ``RUN/requests-*.jsonl``) that hold all their grid points,
     paired as in the full report.
     Writes ``RUN/claims-so-far.md`` (and ``.csv``), saying how many requests each part has;
     the full report (:func:`run_claims`) overwrites nothing of it."""
-    from .plan import SweepConfig, grid
+    from ..data.datasets import load_requests
+    from .plan import SweepConfig, grid, request_digest
     from .store import Store
 
     run = Path(out)
@@ -293,9 +304,10 @@ def report_so_far(out, log=print) -> pd.DataFrame:
     for part in ("cf", "port"):
         got = []
         # the part's requests as the run last wrote them: points of requests no longer in
-        # it (a screening that changed) are not this run's
+        # it (a screening that changed), or of an earlier content under the same case id, are
+        # not this run's
         reqs = run / f"requests-{part}.jsonl"
-        ids = ({json.loads(x)["case_id"] for x in reqs.read_text().splitlines() if x.strip()}
+        now = ({r.case_id: request_digest(r.to_dict()) for r in load_requests(reqs)}
                if reqs.is_file() else None)
         for sub in (part, f"{part}-centred"):
             d = run / sub
@@ -303,8 +315,8 @@ def report_so_far(out, log=print) -> pd.DataFrame:
                 continue
             cfg = SweepConfig.from_yaml(d / "config.yaml")
             df = Store(d).frame()
-            if ids is not None and len(df):
-                df = df[df.case_id.isin(ids)]
+            if now is not None and len(df):
+                df = df[_current(df, now)]
             if not len(df):
                 continue
             n_grid = len(grid(cfg, default_block=0))

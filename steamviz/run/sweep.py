@@ -35,6 +35,7 @@ from .plan import (  # noqa: F401 (re-exported: steamviz.run.sweep is the public
     axes,
     grid,
     point_key,
+    request_digest,
     units,
 )
 from .runner import Runner  # noqa: F401
@@ -147,6 +148,7 @@ def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
         def done(keys, batch, point, rows):  # only this process writes the store
             for key, req, row in zip(keys, batch, rows):
                 row["case_id"] = req.case_id
+                row["request_digest"] = request_digest(req.to_dict())
                 store.put(key, row)
                 _log_row(log, req, point, row)
             bar.update(len(rows))
