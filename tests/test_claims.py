@@ -183,28 +183,38 @@ def test_the_stored_tuning_is_reused_only_for_its_own_grid(tmp_path, monkeypatch
     assert len(calls) == 3  # ROME overrides are part of the grid
 
 
-def test_the_table_so_far_pairs_only_the_finished_requests(tmp_path):
-    """`steamviz claims --so-far`: the requests that hold every point of their grid, no
-    model loaded; an unfinished request (ROME's point only) is left out, and said so."""
+def _so_far_store(run, n: int, rows: pd.DataFrame) -> None:
+    """A claims run's ``cf`` part (ROME and raw STEAM at lambda 20 on ``n`` requests) holding
+    ``rows``, as a run that has not finished leaves it."""
     import yaml
 
-    from steamviz.run.claims import report_so_far
     from steamviz.run.plan import SweepConfig
     from steamviz.run.store import Store
 
-    run = tmp_path / "claims"
-    cfg = SweepConfig(n_edits=3, methods=["rome", "steam-rome"], lams=[20.0],
+    cfg = SweepConfig(n_edits=n, methods=["rome", "steam-rome"], lams=[20.0],
                       include_unedited=False)
     (run / "cf").mkdir(parents=True)
     (run / "cf" / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    rows = _rows(dict(cos_centered=0.05), n=3)
-    rows = rows[(rows.lam.isna()) | (rows.lam == 20.0)]
-    rows = rows[~((rows.case_id == 2) & (rows.method == "steam-rome"))]  # still running
     store = Store(run / "cf", writer=True)
     for i, r in enumerate(rows.to_dict(orient="records")):
         store.put(f"k{i}", {k: (None if isinstance(v, float) and np.isnan(v) else v)
                             for k, v in r.items()})
     store.close()
+
+
+def _lam20(n: int) -> pd.DataFrame:
+    rows = _rows(dict(cos_centered=0.05), n=n)
+    return rows[(rows.lam.isna()) | (rows.lam == 20.0)]
+
+
+def test_the_table_so_far_pairs_only_the_finished_requests(tmp_path):
+    """`steamviz claims --so-far`: the requests that hold every point of their grid, no
+    model loaded; an unfinished request (ROME's point only) is left out, and said so."""
+    from steamviz.run.claims import report_so_far
+
+    run = tmp_path / "claims"
+    rows = _lam20(3)
+    _so_far_store(run, 3, rows[~((rows.case_id == 2) & (rows.method == "steam-rome"))])
     t = report_so_far(run, log=lambda s: None)
     md = (run / "claims-so-far.md").read_text()
     assert "cf: 2 of 3 requests" in md and "NOT the final report" in md
@@ -223,34 +233,21 @@ def test_the_table_so_far_pairs_only_the_finished_requests(tmp_path):
 def test_the_table_so_far_leaves_out_rows_of_a_request_changed_under_its_case_id(tmp_path):
     """Rows carry their request's digest: a request whose content changed under the same case
     id (another data file, a fixed prompt) no longer pairs its old rows."""
-    import yaml
-
     from steamviz.data.requests import EditRequest
     from steamviz.run.claims import report_so_far
-    from steamviz.run.plan import SweepConfig, request_digest
-    from steamviz.run.store import Store
+    from steamviz.run.plan import request_digest
 
     def request(c, new="n"):
         return EditRequest("{} x", "s", new, case_id=c)
-
-    run = tmp_path / "claims"
-    cfg = SweepConfig(n_edits=2, methods=["rome", "steam-rome"], lams=[20.0],
-                      include_unedited=False)
-    (run / "cf").mkdir(parents=True)
-    (run / "cf" / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    rows = _rows(dict(cos_centered=0.05), n=2)
-    rows = rows[(rows.lam.isna()) | (rows.lam == 20.0)]
-    store = Store(run / "cf", writer=True)
-    for i, r in enumerate(rows.to_dict(orient="records")):
-        r["request_digest"] = request_digest(request(r["case_id"]).to_dict())
-        store.put(f"k{i}", {k: (None if isinstance(v, float) and np.isnan(v) else v)
-                            for k, v in r.items()})
-    store.close()
 
     def write(reqs):
         (run / "requests-cf.jsonl").write_text(
             "".join(json.dumps(q.to_dict()) + "\n" for q in reqs))
 
+    run = tmp_path / "claims"
+    rows = _lam20(2)
+    rows["request_digest"] = [request_digest(request(c).to_dict()) for c in rows.case_id]
+    _so_far_store(run, 2, rows)
     write([request(0), request(1)])
     assert set(report_so_far(run, log=lambda s: None).n) == {2}
     write([request(0, new="other"), request(1)])  # case 0 now asks for another edit
