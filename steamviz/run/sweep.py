@@ -158,9 +158,24 @@ def run_sweep(cfg: SweepConfig, run_dir, lm=None, progress: bool = True,
     finally:
         ex.close()
         store.close()
-    keys = {k for w in work for k in w[0]}
-    df = store.frame()
-    return df[df.key.isin(keys)].reset_index(drop=True) if len(df) else df
+    return in_plan_order(store.rows(), [k for w in work for k in w[0]])
+
+
+def in_plan_order(rows: list[dict], keys: list) -> pd.DataFrame:
+    """The stored ``rows`` whose ``key`` is in ``keys``, as a frame in the order of ``keys``
+    (the plan's: request by request, grid point by grid point). Not the store's file order,
+    which follows the keys' hashes: the frame's row order and its column order (pandas takes
+    the columns in order of first appearance) then depend only on the plan, not on what the
+    keys hash (the model, the references, the data at hand).
+
+    >>> rows = [dict(key="b", v=2, late=0), dict(key="x", v=0), dict(key="a", v=1)]
+    >>> df = in_plan_order(rows, ["a", "b"])
+    >>> df.v.tolist(), list(df.columns)
+    ([1, 2], ['key', 'v', 'late'])
+    """
+    rank = {k: i for i, k in enumerate(keys)}
+    return pd.DataFrame(sorted((r for r in rows if r.get("key") in rank),
+                               key=lambda r: rank[r["key"]]))
 
 
 def _progress_bar(n_all: int, n_left: int, progress: bool = True):
