@@ -112,7 +112,7 @@ def test_the_units_of_one_request_go_to_one_worker():
                                 exceptions=types.SimpleNamespace(RayActorError=Err,
                                                                  WorkerCrashedError=Err))
     ex = RayExecutor.__new__(RayExecutor)
-    ex.ray, ex.actors, ex.log = ray, [Actor(0), Actor(1)], print
+    ex.ray, ex.actors, ex.log, ex.n = ray, [Actor(0), Actor(1)], print, 2
     reqs = [EditRequest(prompt="{} is in", subject=f"S{i}", target_new="A", target_true="B")
             for i in range(4)]
     work = [([f"k{m}{i}"], [r], dict(method=m, u=(m, i)))  # point-major, as units() plans
@@ -239,6 +239,11 @@ def test_ray_sweep_with_two_workers_equals_local_and_resumes_locally(tmp_path, r
     again = run_sweep(cfg, tmp_path / "ray", lm=lm, progress=False, log=log.append)
     assert "resuming: 6 of 6 points done" in log[0] and not any("[point]" in s for s in log)
     assert len(again) == 6
+    log.clear()  # Ray again, nothing left: one worker plans (the keys need a model), no other
+    again = run_sweep(cfg, tmp_path / "ray", executor="ray", workers=2, init_kwargs=init,
+                      progress=False, log=log.append)
+    assert sum("ready: pid=" in s for s in log) == 1 and not any("[point]" in s for s in log)
+    assert len(again) == 6 and not ray.is_initialized()
 
 
 @pytest.mark.model

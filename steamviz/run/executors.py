@@ -171,15 +171,17 @@ class RayExecutor:
     def _new_actor(self):
         return self._actor.options(**self.options).remote(self.cfg, self.vstar_dir)
 
-    def plan(self) -> list:
-        """Start the workers (each loads the model once), then plan on one of them."""
+    def _start(self, n: int) -> None:
+        """Start actors until there are ``n`` (each loads the model once); wait until ready."""
         ray = self.ray
-        self._connect()
         t0 = time.perf_counter()
+        new = range(len(self.actors), n)
+        if not new:
+            return
         where = self.address or os.environ.get("RAY_ADDRESS") or "a local Ray instance"
-        self.log(f"[ray] starting {self.n} worker(s) ({self.options}) on {where}")
-        self.actors = [self._new_actor() for _ in range(self.n)]
-        pending = {a.info.remote(): i for i, a in enumerate(self.actors)}
+        self.log(f"[ray] starting {len(new)} worker(s) ({self.options}) on {where}")
+        self.actors += [self._new_actor() for _ in new]
+        pending = {self.actors[i].info.remote(): i for i in new}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ready[0])
@@ -189,7 +191,13 @@ class RayExecutor:
                 raise ExecutorError(f"Ray worker {i} could not start: {e}") from e
             self.log(f"[ray] worker {i} ready: pid={info['pid']} host={info['host']} "
                      f"device={info['device']} ({time.perf_counter() - t0:.1f} s)")
-        return ray.get(self.actors[0].plan.remote())  # the keys need the model: a worker's
+
+    def plan(self) -> list:
+        """Start one worker and plan on it (the keys need the model); :meth:`run` starts the
+        others only when there is work for them (a resumed run with nothing left starts one)."""
+        self._connect()
+        self._start(1)
+        return self.ray.get(self.actors[0].plan.remote())
 
     def run(self, work: list, done) -> None:
         """Keep every worker busy with one unit; ``done(keys, batch, point, rows)`` for each
@@ -202,12 +210,14 @@ class RayExecutor:
         ray = self.ray
         died = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
         todo = deque(range(len(work)))
-        idle = deque(range(len(self.actors)))
         running: dict = {}  # ObjectRef -> (worker slot, unit index)
         tries: Counter = Counter()
         owner: dict = {}  # requests of a unit -> the worker slot that has them
 
         ident = [repr([r.to_dict() for r in batch]) for _, batch, _ in work]
+        # one worker per request group at most: a request's units all go to one worker
+        self._start(min(self.n, len(set(ident))))
+        idle = deque(range(len(self.actors)))
 
         def take(slot):  # the first unit this worker may run, or None
             for j, u in enumerate(todo):
