@@ -290,7 +290,6 @@ def point_key(fingerprint: str, request: dict, point: dict, hparams: dict, seed:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-
 def request_digest(request: dict) -> str:
     """A short hash of a request's whole content (``EditRequest.to_dict()``): rows carry it,
     so a request changed under the same case id is told apart from its old rows.
