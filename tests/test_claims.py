@@ -135,6 +135,9 @@ def test_a_tiny_claims_run_end_to_end(tmp_path, lm):
     assert set(t.setting) == {"λ=50 raw", "λ=20 centred"}
     assert set(t.n) <= {2} and (tmp_path / "claims" / "tuning.json").exists()
     assert "Compute: " in md and "(tuning " in md and ", cf " in md and ", port " in md
+    # how the centred lambda was chosen: the rule and the tuned lambda's row, marked
+    assert "How the centred-loss lambda was chosen" in md
+    assert any(line.startswith("| 20 | ") and line.endswith("| yes |") for line in md.splitlines())
     # the run folder moved (another machine, a checkout): it resumes there, nothing recomputed
     moved = tmp_path / "elsewhere"
     (tmp_path / "claims").rename(moved)
@@ -298,3 +301,25 @@ def test_portability_comes_from_the_mirror_halves_or_the_whole_public_files(monk
     assert "the whole public files" in claims.report(pd.DataFrame(columns=[
         "claim", "setting", "n", "rome", "steam", "effect", "low", "high", "p", "verdict"]),
         cfg, 20.0, 0, 2, {}, {}, 1.0)
+
+
+def test_the_report_says_how_the_centred_lambda_was_chosen(tmp_path):
+    """RUN/tuning.json becomes a table: per tuned lambda the paired differences from ROME
+    (centred cosine, efficacy, paraphrase), the chosen one marked; no file, no lines."""
+    from steamviz.run.claims import tuning_lines
+
+    assert tuning_lines(tmp_path) == []
+
+    def row(lam, metric, diff):
+        return dict(lam=lam, metric=metric, diff=diff, low=diff - 0.01, high=diff + 0.01)
+
+    table = [row(5.0, "cos_centered", 0.005), row(5.0, "efficacy", 0.0),
+             row(200.0, "cos_centered", 0.024), row(200.0, "efficacy", 0.0),
+             row(200.0, "paraphrase", -0.125)]
+    (tmp_path / "tuning.json").write_text(json.dumps(
+        dict(centred_lam=200.0, tuned_on="default edit set, first 20", table=table)))
+    lines = tuning_lines(tmp_path)
+    assert "default edit set, first 20" in lines[1] and "does not read it" in lines[1]
+    assert lines[-2] == "| 5 | +0.005 [-0.005, +0.015] | +0.000 [-0.010, +0.010] | - |  |"
+    assert lines[-1] == ("| 200 | +0.024 [+0.014, +0.034] | +0.000 [-0.010, +0.010] | "
+                         "-0.125 [-0.135, -0.115] | yes |")
