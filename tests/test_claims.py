@@ -323,3 +323,5 @@ def test_the_report_says_how_the_centred_lambda_was_chosen(tmp_path):
     assert lines[-2] == "| 5 | +0.005 [-0.005, +0.015] | +0.000 [-0.010, +0.010] | - |  |"
     assert lines[-1] == ("| 200 | +0.024 [+0.014, +0.034] | +0.000 [-0.010, +0.010] | "
                          "-0.125 [-0.135, -0.115] | yes |")
+    assert tuning_lines(tmp_path, 200.0) == lines
+    assert tuning_lines(tmp_path, 50.0) == []  # the run used another lambda: not this tuning

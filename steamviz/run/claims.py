@@ -207,15 +207,16 @@ def tune_centred_lambda(lm, cfg: ClaimsConfig, run: Path, log=print) -> float:
     return float(best)
 
 
-def tuning_lines(run: Path) -> list[str]:
+def tuning_lines(run: Path, lam: float | None = None) -> list[str]:
     """The report's account of the centred lambda: the rule, and per tuned lambda its paired
-    differences from ROME on the tuning edits (``RUN/tuning.json``; none: no lines)."""
+    differences from ROME on the tuning edits (``RUN/tuning.json``). No lines without the
+    file, or when it chose another lambda than ``lam`` (the one the run used)."""
     path = Path(run) / "tuning.json"
     if not path.is_file():
         return []
     stored = json.loads(path.read_text())
     t = pd.DataFrame(stored.get("table") or [])
-    if not len(t):
+    if not len(t) or (lam is not None and float(stored["centred_lam"]) != float(lam)):
         return []
     lines = ["", f"How the centred-loss lambda was chosen ({stored.get('tuned_on')}, never "
              "evaluated here): the largest held-out centred-cosine gain over ROME among the "
@@ -297,7 +298,7 @@ def run_claims(cfg: ClaimsConfig, out, lm=None, log=print, executor: str = "loca
     compute = {"tuning": tune, **frames}
     md = report(table, cfg, lam_c, len(cf), len(port), cf_why, port_why, secs,
                 {k: _minutes(d) for k, d in compute.items()}, _seeds_line(frames),
-                tuning_lines(run) if cfg.centred_lam is None else
+                tuning_lines(run, lam_c) if cfg.centred_lam is None else
                 ["", f"Centred-loss lambda {lam_c:g} set by the caller (--centred-lam), not tuned."])
     write_text(run / "claims.md", md)
     table.to_csv(run / "claims.csv", index=False)
@@ -368,6 +369,7 @@ def report_so_far(out, log=print) -> pd.DataFrame:
     lines += [_row(r) for r in table.itertuples()]
     seeds = _seeds_line(frames)
     lines += ["", seeds] if seeds else []
+    lines += tuning_lines(run, lam_c) if lam_c is not None else []
     md = "\n".join(lines) + "\n"
     write_text(run / "claims-so-far.md", md)
     table.to_csv(run / "claims-so-far.csv", index=False)
